@@ -1,0 +1,131 @@
+"""Settings: environment variables ``PORTAL_*``, an optional YAML file, embedded defaults.
+
+Precedence (highest first): keyword arguments (CLI flags), ``PORTAL_*`` environment variables,
+the YAML file named by ``PORTAL_CONFIG_FILE``, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def default_data_root() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "llamaboard-portal"
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by PORTAL_CONFIG_FILE (a ConfigMap in Kubernetes)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("PORTAL_CONFIG_FILE")
+        if not path:
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the portal config file must be a YAML mapping")
+        return data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PORTAL_", extra="forbid")
+
+    data_root: Path = Field(default_factory=default_data_root)
+    host: str = "127.0.0.1"
+    port: int = 7860
+    database_url: str | None = None  # default: sqlite file under the data root
+    auth_mode: Literal["none"] = "none"
+    local_username: str = "local"
+
+    launcher: Literal["local"] = "local"
+    max_concurrent_runs: int = Field(default=2, ge=1)
+    gpus: list[int] | None = None  # None: detect with nvidia-smi; [] forces CPU
+    gpus_per_run: int = Field(default=1, ge=0)
+    cancel_grace_seconds: float = Field(default=10.0, ge=0)
+    dispatch_interval_seconds: float = Field(default=1.0, gt=0)
+
+    mlflow_tracking_uri: str | None = None  # None: the portal starts its own server
+    mlflow_port: int = 5050
+    mlflow_experiment: str = "llamaboard-portal"
+    mlflow_public_url: str | None = None  # link shown to users; defaults to the tracking URI
+    metrics_refresh_seconds: float = Field(default=2.0, gt=0)
+
+    allow_hub_models: bool = True
+    job_cpus: int | None = None  # preprocessing workers per job; None: the machine's cores / concurrency
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _YamlFileSource(settings_cls), file_secret_settings)
+
+    @field_validator("data_root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(value).expanduser().resolve()
+
+    # ---- derived locations -------------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_root / 'portal.db'}"
+
+    @property
+    def users_root(self) -> Path:
+        return self.data_root / "users"
+
+    @property
+    def shared_root(self) -> Path:
+        return self.data_root / "shared"
+
+    @property
+    def shared_models_root(self) -> Path:
+        return self.shared_root / "models"
+
+    @property
+    def shared_datasets_root(self) -> Path:
+        return self.shared_root / "datasets"
+
+    @property
+    def mlflow_root(self) -> Path:
+        return self.data_root / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def embedded_mlflow(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    @cached_property
+    def gpu_ids(self) -> list[int]:
+        return list(self.gpus) if self.gpus is not None else detect_gpus()
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_root, self.users_root, self.shared_models_root, self.shared_datasets_root, self.mlflow_root):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def detect_gpus() -> list[int]:
+    """GPU indices from nvidia-smi; an empty list (CPU jobs) when there is none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [int(line) for line in out.stdout.split() if line.strip().isdigit()]

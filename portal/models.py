@@ -1,0 +1,88 @@
+"""Database tables. Schema changes go through Alembic (portal/migrations)."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RunStatus(str, enum.Enum):
+    queued = "queued"
+    starting = "starting"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        return self in (RunStatus.starting, RunStatus.running)
+
+
+FINAL_STATUSES = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled})
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(index=True, unique=True, max_length=64)
+    email: str | None = None
+    display_name: str | None = None
+    is_admin: bool = False
+    is_active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+    last_login_at: datetime | None = None
+
+
+class Run(SQLModel, table=True):
+    __tablename__ = "runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128)
+    owner_id: int = Field(foreign_key="users.id", index=True)
+    owner: str = Field(index=True, max_length=64)  # username, denormalised for listings
+    status: RunStatus = Field(default=RunStatus.queued, index=True)
+    status_reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    stage: str = ""
+    finetuning_type: str = ""
+    model_name_or_path: str = ""
+    datasets: str = ""  # comma separated, as in the YAML
+    config_yaml: str = ""
+    config_sha256: str = Field(default="", max_length=64)
+    run_dir: str = ""
+    output_dir: str = ""
+
+    mlflow_run_id: str | None = Field(default=None, max_length=64)
+    launcher: str = "local"
+    launcher_state: str = "{}"  # JSON dict owned by the launcher (pid + start time locally)
+    gpus: int = 0
+    exit_code: int | None = None
+    final_loss: float | None = None
+    cancel_requested: bool = False
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    username: str = Field(index=True, max_length=64)
+    action: str = Field(index=True, max_length=64)
+    target: str | None = None
+    detail: str | None = None
+    client: str | None = None  # address the request came from, when known

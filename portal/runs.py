@@ -1,0 +1,401 @@
+"""RunService: submit, list, get, cancel, logs, metrics — and who may do what.
+
+Every way in (the UI, the CLI, later the HTTP API) goes through this class, so ownership is
+checked in one place: a user reaches only their own runs; admins reach all. A run that is not
+yours reads as "not found", so its existence does not leak either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import select
+
+from llamaboard_ext import compile as lbc
+from llamaboard_ext.validate import validate_args
+
+from . import __version__
+from .catalog import Catalog
+from .config import Settings
+from .db import Database
+from .launchers import JobSpec, Launcher, LaunchError
+from .models import AuditEvent, Run, RunStatus, User, utcnow
+from .policy import apply_policy
+from .storage import UserSpace, check_name
+from .tracking import MetricPoint, MetricsCache, Tracker
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (RunStatus.starting, RunStatus.running)
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "job.log"
+
+
+class PortalError(Exception):
+    """An error whose message is meant for the user."""
+
+
+class NotFound(PortalError):
+    pass
+
+
+class ConfigRejected(PortalError):
+    """The config breaks a rule; ``problems`` maps each key to what is wrong and how to fix it."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {v}" for k, v in problems.items()))
+
+
+@dataclass
+class Prepared:
+    """A config ready to run: the args after the portal's policy, and the exact YAML."""
+
+    name: str
+    args: dict[str, Any]
+    yaml: str
+    run_dir: Path
+    gpus: int
+    notes: list[str]
+
+
+def llamafactory_cli() -> str:
+    """The llamafactory-cli installed beside this Python (the portal's venv), else on PATH."""
+    beside = Path(sys.executable).parent / "llamafactory-cli"
+    return str(beside) if beside.is_file() else (shutil.which("llamafactory-cli") or "llamafactory-cli")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def last_loss(output_dir: str | os.PathLike) -> float | None:
+    """The last training loss the trainer wrote (LLaMA-Factory's trainer_log.jsonl)."""
+    path = Path(output_dir) / "trainer_log.jsonl"
+    loss = None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry.get("loss") is not None:
+                    loss = float(entry["loss"])
+    except OSError:
+        return None
+    return loss
+
+
+def _last_error_line(text: str) -> str | None:
+    for line in reversed(text.strip().splitlines()):
+        stripped = line.strip()
+        if stripped and ("Error" in stripped or "error:" in stripped.lower()) and not stripped.startswith("File "):
+            return stripped[:300]
+    return None
+
+
+class RunService:
+    def __init__(self, settings: Settings, db: Database, catalog: Catalog, launcher: Launcher, tracker: Tracker):
+        self.settings = settings
+        self.db = db
+        self.catalog = catalog
+        self.launcher = launcher
+        self.tracker = tracker
+        self.metrics_cache = MetricsCache(tracker.history, ttl_seconds=settings.metrics_refresh_seconds)
+        self._dispatch_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- users and audit -----------------------------------------------------------------
+    def ensure_user(self, username: str, *, is_admin: bool = False, email: str | None = None) -> User:
+        check_name(username, "user name")
+        with self.db.session() as s:
+            user = s.exec(select(User).where(User.username == username)).first()
+            if user is None:
+                user = User(username=username, is_admin=is_admin, email=email)
+                s.add(user)
+                s.commit()
+                s.refresh(user)
+            return user
+
+    def user(self, username: str) -> User:
+        with self.db.session() as s:
+            user = s.exec(select(User).where(User.username == username)).first()
+        if user is None or not user.is_active:
+            raise PermissionError(f"unknown or inactive user '{username}'")
+        return user
+
+    def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None) -> None:
+        with self.db.session() as s:
+            s.add(AuditEvent(username=username, action=action, target=target, detail=detail))
+            s.commit()
+
+    def space(self, user: User) -> UserSpace:
+        return UserSpace.for_user(self.settings.users_root, user.username).ensure()
+
+    # ---- preparing a config --------------------------------------------------------------
+    def _gpus_per_run(self) -> int:
+        return min(self.settings.gpus_per_run, len(self.settings.gpu_ids)) if self.settings.gpu_ids else 0
+
+    def _job_cpus(self) -> int:
+        if self.settings.job_cpus:
+            return self.settings.job_cpus
+        return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_runs)
+
+    def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True) -> Prepared:
+        """Policy + validation; raises ConfigRejected naming every bad key."""
+        space = self.space(user)
+        name = name or os.path.basename(os.path.normpath(str(args.get("output_dir") or ""))) or ""
+        try:
+            name = check_name(name, "run name")
+        except ValueError as err:
+            raise ConfigRejected({"output_dir": str(err)}) from err
+        run_dir = space.run_dir(name)
+        gpus = self._gpus_per_run()
+        self.catalog.sync_user_datasets(space)
+        result = apply_policy(args, settings=self.settings, catalog=self.catalog, space=space, run_dir=run_dir,
+                              gpus=gpus, cpus=self._job_cpus())
+        problems = dict(result.problems)
+        if for_submit and run_dir.exists():
+            problems["output_dir"] = f"a run named '{name}' already exists in your space: choose another run name"
+        if not problems:
+            problems.update(validate_args(lbc.clean_args(result.args)))
+        if problems:
+            raise ConfigRejected(problems)
+        header = f"LLaMA Board Portal run '{name}' of {user.username}; portal {__version__}, llamafactory 0.9.5"
+        return Prepared(name=name, args=result.args, yaml=lbc.args_to_yaml(result.args, header=header), run_dir=run_dir,
+                        gpus=gpus, notes=result.notes)
+
+    def form_to_args(self, values: dict[str, Any]) -> dict[str, Any]:
+        from llamaboard_ext.form import form_defaults
+
+        return lbc.form_to_args(values, form_defaults())
+
+    def preview_form(self, user: User, values: dict[str, Any]) -> str:
+        return self.prepare(user, self.form_to_args(values), for_submit=False).yaml
+
+    # ---- submitting ----------------------------------------------------------------------
+    def submit_form(self, user: User, values: dict[str, Any]) -> Run:
+        return self.submit_args(user, self.form_to_args(values), source="form")
+
+    def submit_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Run:
+        try:
+            args = lbc.yaml_to_args(text)
+        except lbc.YamlError as err:
+            raise ConfigRejected({"yaml": str(err)}) from err
+        return self.submit_args(user, args, name=name, source="yaml")
+
+    def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api") -> Run:
+        prepared = self.prepare(user, args, name)
+        run_dir = prepared.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError as err:
+            raise ConfigRejected({"output_dir": f"a run named '{prepared.name}' already exists: choose another run name"}) from err
+        (run_dir / CONFIG_FILE).write_text(prepared.yaml, encoding="utf-8")
+        body = lbc.args_to_yaml(prepared.args)
+        sha = _sha256(body)
+        run = Run(
+            name=prepared.name, owner_id=user.id, owner=user.username, status=RunStatus.queued,
+            stage=str(prepared.args.get("stage", "")), finetuning_type=str(prepared.args.get("finetuning_type", "")),
+            model_name_or_path=str(prepared.args.get("model_name_or_path", "")),
+            datasets=str(prepared.args.get("dataset", "")), config_yaml=prepared.yaml, config_sha256=sha,
+            run_dir=str(run_dir), output_dir=str(prepared.args["output_dir"]), launcher=self.launcher.name,
+            gpus=prepared.gpus,
+        )
+        with self.db.session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+        try:
+            run.mlflow_run_id = self.tracker.create_run(prepared.name, {
+                "portal.run_id": str(run.id), "portal.owner": user.username, "portal.run_name": prepared.name,
+                "portal.config_sha256": sha, "portal.source": source, "mlflow.user": user.username,
+            })
+            self.tracker.client.log_artifact(run.mlflow_run_id, str(run_dir / CONFIG_FILE))
+        except Exception as err:  # tracking down: the run is kept and reported, never launched blind
+            self._set(run.id, status=RunStatus.failed, status_reason=f"MLflow is not reachable: {err}", finished_at=utcnow())
+            self.audit(user.username, "submit", f"run:{run.id}", f"failed: MLflow unreachable ({source})")
+            raise PortalError(f"run {run.id} not started: the MLflow tracking server is not reachable ({err})") from err
+        self._set(run.id, mlflow_run_id=run.mlflow_run_id)
+        self.audit(user.username, "submit", f"run:{run.id}", f"{prepared.name} ({source}, sha256 {sha[:12]})")
+        self.dispatch()
+        return self.get_run(user, run.id)
+
+    # ---- reading -------------------------------------------------------------------------
+    def _owned(self, user: User, run: Run | None, run_id: int) -> Run:
+        if run is None or (run.owner_id != user.id and not user.is_admin):
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    def get_run(self, user: User, run_id: int) -> Run:
+        with self.db.session() as s:
+            return self._owned(user, s.get(Run, run_id), run_id)
+
+    def list_runs(self, user: User, limit: int = 500) -> list[Run]:
+        with self.db.session() as s:
+            query = select(Run).order_by(Run.id.desc()).limit(limit)
+            if not user.is_admin:
+                query = query.where(Run.owner_id == user.id)
+            return list(s.exec(query).all())
+
+    def logs(self, user: User, run_id: int, tail_bytes: int = 64_000) -> str:
+        run = self.get_run(user, run_id)
+        return self.launcher.logs(json.loads(run.launcher_state or "{}"), Path(run.run_dir) / LOG_FILE, tail_bytes)
+
+    def metrics(self, user: User, run_id: int) -> list[MetricPoint]:
+        run = self.get_run(user, run_id)
+        if not run.mlflow_run_id:
+            return []
+        return self.metrics_cache.get(run.mlflow_run_id, final=run.status.is_final)
+
+    def mlflow_url(self, run: Run) -> str | None:
+        return self.tracker.run_url(run.mlflow_run_id) if run.mlflow_run_id else None
+
+    # ---- cancelling ----------------------------------------------------------------------
+    def cancel(self, user: User, run_id: int) -> Run:
+        run = self.get_run(user, run_id)
+        if run.status.is_final:
+            raise PortalError(f"run {run_id} has already {run.status.value}")
+        self.audit(user.username, "cancel", f"run:{run_id}")
+        if self._set(run_id, where=(RunStatus.queued,), status=RunStatus.cancelled,
+                     status_reason=f"cancelled by {user.username} before it started", finished_at=utcnow()):
+            if run.mlflow_run_id:
+                self._finish_tracking(run.mlflow_run_id, "KILLED")
+            return self.get_run(user, run_id)
+        self._set(run_id, cancel_requested=True, status_reason=f"cancelling (requested by {user.username})")
+        run = self.get_run(user, run_id)
+        state = json.loads(run.launcher_state or "{}")
+        if state:
+            self.launcher.stop(state, self.settings.cancel_grace_seconds)
+        self.poll_active()
+        return self.get_run(user, run_id)
+
+    # ---- supervising jobs ----------------------------------------------------------------
+    def _set(self, run_id: int, where: tuple[RunStatus, ...] | None = None, **values: Any) -> bool:
+        with self.db.session() as s:
+            stmt = update(Run).where(Run.id == run_id)
+            if where:
+                stmt = stmt.where(Run.status.in_(where))
+            result = s.exec(stmt.values(**values))  # type: ignore[call-overload]
+            s.commit()
+            return result.rowcount == 1
+
+    def dispatch(self) -> None:
+        """Start queued runs, oldest first, while run slots and GPUs are free."""
+        with self._dispatch_lock:
+            with self.db.session() as s:
+                active = list(s.exec(select(Run).where(Run.status.in_(ACTIVE))).all())
+                queued = list(s.exec(select(Run).where(Run.status == RunStatus.queued).order_by(Run.id)).all())
+            slots = self.settings.max_concurrent_runs - len(active)
+            used = {g for r in active for g in json.loads(r.launcher_state or "{}").get("gpu_ids", [])}
+            free = [g for g in self.settings.gpu_ids if g not in used]
+            for run in queued:
+                if slots <= 0 or run.gpus > len(free):
+                    break  # first in, first out: a big run is not overtaken forever
+                if not self._set(run.id, where=(RunStatus.queued,), status=RunStatus.starting, status_reason=None):
+                    continue  # another portal process took it
+                gpu_ids, free = free[: run.gpus], free[run.gpus:]
+                slots -= 1
+                self._start(run, gpu_ids)
+
+    def _start(self, run: Run, gpu_ids: list[int]) -> None:
+        run_dir = Path(run.run_dir)
+        env = {
+            "MLFLOW_TRACKING_URI": self.tracker.tracking_uri,
+            "MLFLOW_RUN_ID": run.mlflow_run_id or "",
+            "MLFLOW_EXPERIMENT_NAME": self.tracker.experiment_name,
+        }
+        spec = JobSpec(run_id=run.id, name=run.name, owner=run.owner, workdir=run_dir, log_path=run_dir / LOG_FILE,
+                       argv=[llamafactory_cli(), "train", str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids)
+        try:
+            state = self.launcher.start(spec)
+        except LaunchError as err:
+            self._set(run.id, status=RunStatus.failed, status_reason=str(err), finished_at=utcnow())
+            if run.mlflow_run_id:
+                self._finish_tracking(run.mlflow_run_id, "FAILED")
+            return
+        state["gpu_ids"] = gpu_ids
+        self._set(run.id, status=RunStatus.running, started_at=utcnow(), launcher_state=json.dumps(state),
+                  status_reason=f"running on {'GPU ' + ','.join(map(str, gpu_ids)) if gpu_ids else 'the CPU'}")
+
+    def poll_active(self) -> None:
+        """Look at every starting/running run once: re-attached after a restart the same way."""
+        with self.db.session() as s:
+            active = list(s.exec(select(Run).where(Run.status.in_(ACTIVE))).all())
+        for run in active:
+            state = json.loads(run.launcher_state or "{}")
+            if not state:
+                if run.status == RunStatus.starting and run.created_at and (utcnow() - run.created_at).total_seconds() > 120:
+                    self._finish(run, -1, "the portal stopped while it was starting this job")
+                continue
+            result = self.launcher.poll(state)
+            if result.exit_code is not None:
+                self._finish(run, result.exit_code, result.reason)
+
+    def _finish(self, run: Run, exit_code: int, reason: str | None) -> None:
+        if run.cancel_requested:
+            status, mlflow_status = RunStatus.cancelled, "KILLED"
+            reason = (run.status_reason or "cancelled").replace("cancelling", "cancelled")
+        elif exit_code == 0:
+            status, mlflow_status, reason = RunStatus.succeeded, "FINISHED", None
+        else:
+            status, mlflow_status = RunStatus.failed, "FAILED"
+            hint = _last_error_line(self.launcher.logs({}, Path(run.run_dir) / LOG_FILE, 16_000))
+            reason = f"{reason or f'exited with code {exit_code}'}" + (f": {hint}" if hint else "")
+        if self._set(run.id, where=ACTIVE, status=status, status_reason=reason, exit_code=exit_code,
+                     finished_at=utcnow(), final_loss=last_loss(run.output_dir)):
+            if run.mlflow_run_id:
+                self._finish_tracking(run.mlflow_run_id, mlflow_status)
+            log.info("run %s (%s) %s%s", run.id, run.name, status.value, f": {reason}" if reason else "")
+
+    def _finish_tracking(self, mlflow_run_id: str, status: str) -> None:
+        try:
+            self.tracker.finish_run(mlflow_run_id, status)
+        except Exception as err:  # the run's own state is what counts; MLflow catches up
+            log.warning("could not close MLflow run %s: %s", mlflow_run_id, err)
+
+    def wait(self, user: User, run_id: int, timeout: float | None = None, interval: float = 1.0) -> Run:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll_active()
+            self.dispatch()
+            run = self.get_run(user, run_id)
+            if run.status.is_final:
+                return run
+            if deadline is not None and time.monotonic() > deadline:
+                return run
+            time.sleep(interval)
+
+    def start_supervisor(self) -> None:
+        if self._thread and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._supervise, name="run-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop_supervisor(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_active()
+                self.dispatch()
+            except Exception:  # keep supervising; the next tick retries
+                log.exception("run supervisor tick failed")
+            self._stop.wait(self.settings.dispatch_interval_seconds)

@@ -1,0 +1,50 @@
+"""Wires the services together from Settings (one place; the web app and the CLI share it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .catalog import Catalog
+from .config import Settings
+from .db import Database
+from .launchers import make_launcher
+from .runs import RunService
+from .tracking import EmbeddedMlflow, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    catalog: Catalog
+    tracker: Tracker
+    runs: RunService
+    mlflow_server: EmbeddedMlflow | None = None
+
+
+def ensure_deepspeed_configs(settings: Settings) -> None:
+    """LLaMA Board's DeepSpeed presets, written once into the shared folder (not the cwd)."""
+    from llamaboard_ext.deepspeed import write_deepspeed_presets
+
+    from .policy import deepspeed_dir
+
+    write_deepspeed_presets(deepspeed_dir(settings))
+
+
+def build_services(settings: Settings, *, start_tracking: bool = True) -> Services:
+    settings.ensure_dirs()
+    db = Database(settings.db_url)
+    db.migrate()
+    ensure_deepspeed_configs(settings)
+    server = None
+    if settings.embedded_mlflow and start_tracking:
+        server = EmbeddedMlflow(settings.mlflow_root, settings.mlflow_port)
+        server.ensure()
+    tracker = Tracker(settings.tracking_uri, settings.mlflow_experiment, settings.mlflow_public_url)
+    catalog = Catalog(settings)
+    launcher = make_launcher(settings.launcher, settings)
+    runs = RunService(settings, db, catalog, launcher, tracker)
+    return Services(settings=settings, db=db, catalog=catalog, tracker=tracker, runs=runs, mlflow_server=server)
