@@ -5,7 +5,7 @@ objects (one Runner, folders under the working directory, ``os.environ``). Here 
 are built by LLaMA Board's own ``create_top``/``create_train_tab`` while the module-level helpers
 they bind are swapped for portal ones, and with an engine whose runner is the portal's — so every
 button reaches a :class:`FormBackend` with the user taken from ``gr.Request``. Pure helpers
-(``change_stage``, ``can_quantize``, ...) stay LLaMA Board's. ``ALLOWED_LLAMABOARD_HANDLERS``
+(``can_quantize``, ``check_template``, ...) stay LLaMA Board's. ``ALLOWED_LLAMABOARD_HANDLERS``
 lists them; a test fails on any other LLaMA Board function bound in the portal's Blocks.
 """
 
@@ -33,7 +33,6 @@ from .compile import FormError
 
 # LLaMA Board functions that only compute from their inputs: safe to keep bound.
 ALLOWED_LLAMABOARD_HANDLERS = frozenset({
-    "llamafactory.webui.control.change_stage",
     "llamafactory.webui.control.can_quantize",
     "llamafactory.webui.control.can_quantize_to",
     "llamafactory.webui.control.check_template",
@@ -160,18 +159,23 @@ class _FormBinder:
     def get_model_info(self, model_name: str, request: gr.Request):
         models = self.backend.model_choices(_username(request))
         if model_name in models:
-            return models[model_name], "default"
+            return models[model_name], gr.update()  # a catalog model keeps the template chosen
         return lf_common.get_model_path(model_name) if model_name and model_name != "Custom" else "", lf_common.get_template(model_name)
 
     def list_checkpoints(self, model_name: str, finetuning_type: str, request: gr.Request):
         choices = self.backend.checkpoint_choices(_username(request), model_name or "", finetuning_type)
-        if finetuning_type in PEFT_METHODS:
-            return gr.Dropdown(value=[], choices=choices, multiselect=True)
-        return gr.Dropdown(value=None, choices=choices, multiselect=False)
+        # no value: a loaded config's checkpoint is kept (LLaMA Board would clear it)
+        return gr.Dropdown(choices=choices, multiselect=finetuning_type in PEFT_METHODS)
 
     def list_datasets(self, dataset_dir: str, training_stage: str, request: gr.Request):
         ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
         return gr.Dropdown(choices=self.backend.dataset_choices(_username(request), ranking))
+
+    def change_stage(self, training_stage: str, request: gr.Request):
+        """LLaMA Board clears the datasets on a stage change, which also wipes a loaded config's
+        datasets; here the choices follow the stage and the chosen datasets stay."""
+        ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
+        return gr.Dropdown(choices=self.backend.dataset_choices(_username(request), ranking)), gr.update()
 
     def list_output_dirs(self, model_name: str, finetuning_type: str, current_time: str):
         return gr.Dropdown(choices=[f"train_{current_time}"] if current_time else [])
@@ -259,6 +263,7 @@ class _FormBinder:
             (lf_train, "list_checkpoints", self.list_checkpoints),
             (lf_train, "list_datasets", self.list_datasets),
             (lf_train, "list_output_dirs", self.list_output_dirs),
+            (lf_train, "change_stage", self.change_stage),
             (lf_train, "list_config_paths", self.list_config_paths),
             (lf_train, "get_device_count", lambda: 1),
             (lf_data, "can_preview", self.can_preview),
@@ -273,7 +278,8 @@ class _FormBinder:
         elems = dict(self.manager._id_to_elem)
         _apply_labels(elems)
         # The portal decides these: hub and data folder are settings, Abort lives in the Runs tab.
-        for hidden in ("top.hub_name", "train.dataset_dir", "train.stop_btn", "train.device_count"):
+        for hidden in ("top.hub_name", "train.dataset_dir", "train.stop_btn", "train.device_count", "train.loss_viewer",
+                       "train.progress_bar"):
             elems[hidden].visible = False
         elems["top.lang"].visible = False  # labels are applied once, in English
         elems["top.lang"].value = "en"
@@ -305,3 +311,16 @@ def form_defaults() -> dict[str, Any]:
     with gr.Blocks():
         form = build_train_form(_NullBackend())  # type: ignore[arg-type]
     return {elem_id: form.elems[elem_id].value for elem_id in form.input_ids}
+
+
+def llamaboard_css() -> str:
+    """LLaMA Board's own stylesheet (the modal preview box and spacing its form relies on)."""
+    from llamafactory.webui.css import CSS
+
+    return CSS
+
+
+def catalog_model_name(path: str, catalog: dict[str, str]) -> str:
+    from .compile import model_name_for_path
+
+    return model_name_for_path(path, catalog)

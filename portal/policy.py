@@ -122,6 +122,9 @@ def apply_policy(
     if out.get("eval_dataset"):
         problems.update(catalog.check_dataset_files(space, [d.strip() for d in str(out["eval_dataset"]).split(",")]))
 
+    if not any(out.get(k) for k in ("do_train", "do_eval", "do_predict")):
+        problems["do_train"] = "the config would not train anything (LLaMA-Factory exits at once): add do_train: true"
+
     out["output_dir"] = str(run_dir / "output")
     out["preprocessing_num_workers"] = max(1, cpus)
     if gpus == 0:

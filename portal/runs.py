@@ -157,7 +157,11 @@ class RunService:
     def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True) -> Prepared:
         """Policy + validation; raises ConfigRejected naming every bad key."""
         space = self.space(user)
-        name = name or os.path.basename(os.path.normpath(str(args.get("output_dir") or ""))) or ""
+        raw_output = str(args.get("output_dir") or "")
+        if not name and ".." in Path(raw_output).parts:
+            raise ConfigRejected({"output_dir": f"output_dir '{raw_output}' is not allowed: it names the run, "
+                                                "write a plain name like my_run (the portal picks the folder)"})
+        name = name or os.path.basename(os.path.normpath(raw_output)) or ""
         try:
             name = check_name(name, "run name")
         except ValueError as err:

@@ -1,0 +1,286 @@
+"""llamaboard-portal: serve the portal, make the demo, validate and submit configs, follow runs.
+
+Exit codes: 0 ok (for `submit --wait`: the run succeeded), 1 invalid config / failed run,
+2 usage errors, 3 config rejected by the portal's rules (submit only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def _settings(args: argparse.Namespace, **overrides: Any):
+    from .config import Settings
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if getattr(args, "data_root", None):
+        values["data_root"] = args.data_root
+    return Settings(**values)
+
+
+def _services(args: argparse.Namespace, *, tracking: bool = True, **overrides: Any):
+    from .services import build_services
+
+    return build_services(_settings(args, **overrides), start_tracking=tracking)
+
+
+def _local_user(services):
+    return services.runs.ensure_user(services.settings.local_username, is_admin=True)
+
+
+def _run_dict(services, run) -> dict[str, Any]:
+    return {
+        "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
+        "status_reason": run.status_reason, "created_at": run.created_at.isoformat() if run.created_at else None,
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "exit_code": run.exit_code, "mlflow_run_id": run.mlflow_run_id, "final_loss": run.final_loss,
+        "model": run.model_name_or_path, "datasets": run.datasets, "stage": run.stage,
+        "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "config_sha256": run.config_sha256,
+        "mlflow_url": services.runs.mlflow_url(run),
+    }
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .web import create_app, is_loopback
+
+    settings = _settings(args, host=args.host, port=args.port)
+    if settings.auth_mode == "none" and not is_loopback(settings.host):
+        print(f"error: refusing to serve on {settings.host} without login (auth: none). Serve on 127.0.0.1, "
+              "or configure OIDC (PORTAL_AUTH_MODE=oidc, see docs/admin-guide.md).", file=sys.stderr)
+        return EXIT_USAGE
+    from .services import build_services
+
+    logging.getLogger("portal").setLevel(logging.INFO)
+    services = build_services(settings)
+    app = create_app(services)
+    print(f"LLaMA Board Portal on http://{settings.host}:{settings.port}  (data root: {settings.data_root}; "
+          f"MLflow: {settings.tracking_uri})", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    return EXIT_OK
+
+
+def make_demo(settings) -> Path:
+    """The tiny model and toy dataset in the shared catalog, and a ready-to-submit config."""
+    from llamaboard_ext.compile import args_to_yaml
+
+    from .demo import DEMO_DATASET_NAME, DEMO_MODEL_NAME, DEMO_TEMPLATE, make_demo_dataset, make_tiny_model
+
+    settings.ensure_dirs()
+    model = make_tiny_model(settings.shared_models_root / DEMO_MODEL_NAME)
+    make_demo_dataset(settings.shared_datasets_root)
+    config = {
+        "stage": "sft", "do_train": True, "model_name_or_path": str(model), "finetuning_type": "lora",
+        "template": DEMO_TEMPLATE, "dataset": DEMO_DATASET_NAME, "cutoff_len": 128, "learning_rate": 1.0e-3,
+        "num_train_epochs": 2.0, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "cosine", "logging_steps": 5, "save_steps": 100, "lora_rank": 8, "lora_target": "all",
+        "plot_loss": True, "report_to": "mlflow",
+    }
+    path = settings.data_root / "demo" / "demo_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(args_to_yaml(config, header="Demo: LoRA SFT of the tiny local LLaMA on the toy alpaca set"),
+                    encoding="utf-8")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    path = make_demo(settings)
+    print(f"demo model:   {settings.shared_models_root / 'tiny-llama'}")
+    print(f"demo dataset: demo_alpaca in {settings.shared_datasets_root}")
+    print("demo config (submit it with `llamaboard-portal submit` or load it in the Train tab):")
+    print(path, flush=True)
+    if args.no_serve:
+        return EXIT_OK
+    args.host, args.port = None, None
+    return cmd_serve(args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llamaboard_ext.compile import YamlError, yaml_to_args
+
+    from .runs import ConfigRejected
+
+    services = _services(args, tracking=False)
+    user = _local_user(services)
+    bad = False
+    for file in args.files:
+        try:
+            raw = Path(file).read_bytes()
+            config = yaml_to_args(raw)
+            name = Path(file).stem if not config.get("output_dir") else None
+            services.runs.prepare(user, config, name=_cli_name(name) if name else None, for_submit=False)
+        except OSError as err:
+            print(f"{file}: file: {err.strerror}", file=sys.stderr)
+            bad = True
+        except YamlError as err:
+            print(f"{file}: yaml: {err}")
+            bad = True
+        except ConfigRejected as err:
+            for key, problem in err.problems.items():
+                print(f"{file}: {key}: {problem}")
+            bad = True
+        else:
+            print(f"{file}: ok")
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def _cli_name(stem: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem).strip("._-") or "run"
+    return f"{safe[:70]}_{datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .runs import ConfigRejected, PortalError
+
+    services = _services(args)
+    user = _local_user(services)
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as err:
+        print(f"{args.file}: {err.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    from llamaboard_ext.compile import YamlError, yaml_to_args
+
+    try:
+        config = yaml_to_args(raw)
+    except YamlError as err:
+        print(f"{args.file}: yaml: {err}", file=sys.stderr)
+        return EXIT_REJECTED
+    name = args.name or (None if config.get("output_dir") else _cli_name(Path(args.file).stem))
+    try:
+        run = services.runs.submit_args(user, config, name=name, source="cli")
+    except ConfigRejected as err:
+        for key, problem in err.problems.items():
+            print(f"{args.file}: {key}: {problem}", file=sys.stderr)
+        return EXIT_REJECTED
+    except PortalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
+        print(f"run {run.id} ({run.name}) {run.status.value}", flush=True)
+    if args.wait:
+        run = services.runs.wait(user, run.id, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_run_dict(services, run), indent=2))
+    elif args.wait:
+        print(f"run {run.id} ({run.name}) {run.status.value}" + (f": {run.status_reason}" if run.status_reason else ""))
+    if args.wait and run.status.value != "succeeded":
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    services = _services(args)
+    runs = services.runs.list_runs(_local_user(services))
+    if args.json:
+        print(json.dumps([_run_dict(services, r) for r in runs], indent=2))
+        return EXIT_OK
+    print(f"{'ID':>5}  {'STATUS':<10} {'OWNER':<12} {'CREATED':<19}  {'LOSS':>8}  NAME")
+    for r in runs:
+        loss = "" if r.final_loss is None else f"{r.final_loss:.4f}"
+        created = r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else ""
+        print(f"{r.id:>5}  {r.status.value:<10} {r.owner:<12} {created:<19}  {loss:>8}  {r.name}")
+    return EXIT_OK
+
+
+def _run_id(value: str) -> int:
+    try:
+        return int(value.lstrip("#"))
+    except ValueError:
+        raise SystemExit(f"error: RUN must be a run id (a number), got '{value}'") from None
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .runs import NotFound
+
+    services = _services(args)
+    try:
+        sys.stdout.write(services.runs.logs(_local_user(services), _run_id(args.run), tail_bytes=args.tail))
+    except NotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .runs import NotFound, PortalError
+
+    services = _services(args)
+    try:
+        run = services.runs.cancel(_local_user(services), _run_id(args.run))
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"run {run.id} ({run.name}) {run.status.value}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaboard-portal", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-root", help="where the portal keeps its files (default: $PORTAL_DATA_ROOT or "
+                                            "~/.local/share/llamaboard-portal)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the portal")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 7860)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", parents=[common], help="make the tiny demo model, dataset and config, then serve")
+    p.add_argument("--no-serve", action="store_true", help="only make the demo files")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("validate", parents=[common], help="check config files (exit 1 when one is invalid)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", parents=[common], help="submit a config file as a run")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", help="run name (default: the config's output_dir, else the file name and the time)")
+    p.add_argument("--wait", action="store_true", help="wait until the run ends; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds")
+    p.add_argument("--json", action="store_true", help="print the run as JSON")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("runs", parents=[common], help="list runs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("logs", parents=[common], help="print the end of a run's log")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--tail", type=int, default=64_000, help="bytes from the end (default 64000)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running run")
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("PORTAL_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

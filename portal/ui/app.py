@@ -1,0 +1,46 @@
+"""The portal's Blocks: Train and Runs tabs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import gradio as gr
+
+from llamaboard_ext.form import llamaboard_css
+
+from ..runs import RunService
+from .common import current_user
+from .runs import build_runs_tab
+from .train import build_train_tab
+
+
+def build_ui(runs: RunService) -> gr.Blocks:
+    with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), analytics_enabled=False) as blocks:
+        header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Train", id="train"):
+                form = build_train_tab(runs)
+            with gr.Tab("Runs", id="runs"):
+                runs_tab = build_runs_tab(runs)
+
+        lf_names = [c[0] if isinstance(c, tuple) else c for c in form.component("top.model_name").choices]
+
+        def on_load(request: gr.Request):
+            user = current_user(runs, request)
+            now = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+            models = runs.catalog.models()
+            return {
+                header: f"## LLaMA Board Portal\nSigned in as **{user.username}**"
+                        + (" (admin)" if user.is_admin else ""),
+                form.component("train.current_time"): now,
+                form.component("train.output_dir"): gr.Dropdown(value=f"train_{now}", choices=[f"train_{now}"]),
+                form.component("train.config_path"): gr.Dropdown(value=f"{now}.yaml", choices=[f"{now}.yaml"]),
+                form.component("top.model_name"): gr.Dropdown(choices=list(models) + [n for n in lf_names if n not in models]),
+            }
+
+        blocks.load(on_load, None, [header, form.component("train.current_time"), form.component("train.output_dir"),
+                                    form.component("train.config_path"), form.component("top.model_name")])
+    blocks.portal_form = form  # type: ignore[attr-defined]
+    blocks.portal_tabs = tabs  # type: ignore[attr-defined]
+    blocks.portal_runs_tab = runs_tab  # type: ignore[attr-defined]
+    return blocks

@@ -1,0 +1,19 @@
+"""What every tab needs: the signed-in user of a request."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..models import User
+from ..runs import RunService
+
+
+def current_user(runs: RunService, request: gr.Request | None) -> User:
+    """The user the portal authenticated for this request (never a form field)."""
+    name = getattr(request, "username", None) if request is not None else None
+    if not name:
+        raise gr.Error("Not signed in. Reload the page to sign in again.")
+    try:
+        return runs.user(name)
+    except PermissionError as err:
+        raise gr.Error(str(err)) from err

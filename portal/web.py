@@ -1,0 +1,82 @@
+"""The FastAPI app: /healthz, and the Gradio UI mounted at /ui behind the portal's user check."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from contextlib import asynccontextmanager
+
+import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy import text
+
+from . import __version__
+from .services import Services
+
+log = logging.getLogger(__name__)
+UI_PATH = "/ui"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
+    settings = services.settings
+    runs = services.runs
+    local_user = runs.ensure_user(settings.local_username, is_admin=True)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if supervise:
+            runs.poll_active()  # re-attach to jobs that ran on while the portal was down
+            runs.start_supervisor()
+        yield
+        if supervise:
+            runs.stop_supervisor()
+
+    app = FastAPI(title="LLaMA Board Portal", version=__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        checks = {}
+        try:
+            with services.db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as err:  # report, do not crash the probe
+            checks["database"] = f"error: {err.__class__.__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "version": __version__, "launcher": settings.launcher,
+                             "auth": settings.auth_mode, **checks}, status_code=200 if ok else 503)
+
+    @app.get("/")
+    def root():
+        return RedirectResponse(f"{UI_PATH}/")
+
+    def current_username(request: Request) -> str | None:
+        # auth: none — one local user; only ever served on loopback (checked at start).
+        return local_user.username
+
+    from .ui.app import build_ui
+
+    blocks = build_ui(runs)
+    blocks.queue(default_concurrency_limit=8)
+    app = gr.mount_gradio_app(app, blocks, path=UI_PATH, auth_dependency=current_username,
+                              max_file_size="2mb", show_api=False)
+    app.state.blocks = blocks
+    return app

@@ -1,0 +1,164 @@
+"""Shared, real test parts: one MLflow server, one tiny model + dataset, one trained run.
+
+Everything is made locally by the test run (no hub); the expensive parts are session-scoped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+FAST_TRAINING = {  # a few steps: enough for a loss curve, seconds on a CPU
+    "train.cutoff_len": 96,
+    "train.batch_size": 8,
+    "train.gradient_accumulation_steps": 1,
+    "train.learning_rate": "1e-3",
+    "train.num_train_epochs": "1.0",
+    "train.max_samples": "64",
+    "train.logging_steps": 2,
+    "train.save_steps": 500,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (sqlite store) on loopback, shared by the whole session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny LLaMA and the toy alpaca dataset, made once; copied into each data root."""
+    from portal.demo import make_demo_dataset, make_tiny_model
+
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_model(root / "models" / "tiny-llama")
+    make_demo_dataset(root / "datasets", rows=200)
+    return {"model": model, "datasets": root / "datasets"}
+
+
+def install_assets(settings, assets: dict[str, Path]) -> Path:
+    settings.ensure_dirs()
+    model_dir = settings.shared_models_root / "tiny-llama"
+    if not model_dir.exists():
+        shutil.copytree(assets["model"], model_dir)
+    for item in assets["datasets"].iterdir():
+        target = settings.shared_datasets_root / item.name
+        if not target.exists():
+            shutil.copy2(item, target)
+    return model_dir
+
+
+@pytest.fixture
+def make_services(tmp_path_factory, mlflow_server, demo_assets):
+    """Build portal services on a fresh data root (CPU jobs, the session's MLflow)."""
+    from portal.config import Settings
+    from portal.services import build_services
+
+    made = []
+
+    def factory(**overrides):
+        data_root = overrides.pop("data_root", None) or tmp_path_factory.mktemp("portal")
+        values = dict(data_root=data_root, mlflow_tracking_uri=mlflow_server, gpus=[], max_concurrent_runs=2,
+                      cancel_grace_seconds=5, dispatch_interval_seconds=0.5, metrics_refresh_seconds=2.0)
+        values.update(overrides)
+        settings = Settings(**values)
+        install_assets(settings, demo_assets)
+        services = build_services(settings)
+        made.append(services)
+        return services
+
+    yield factory
+    for services in made:  # no job outlives its test
+        services.runs.stop_supervisor()
+        from portal.models import Run, RunStatus
+        from sqlmodel import select
+
+        with services.db.session() as s:
+            active = list(s.exec(select(Run).where(Run.status.in_([RunStatus.running, RunStatus.starting]))).all())
+        for run in active:
+            import json
+
+            state = json.loads(run.launcher_state or "{}")
+            if state:
+                services.runs.launcher.stop(state, 2)
+
+
+def demo_form(model_dir: Path, name: str, **extra) -> dict:
+    values = {"top.model_name": "tiny-llama", "top.model_path": str(model_dir), "train.dataset": ["demo_alpaca"],
+              "train.output_dir": name, **FAST_TRAINING}
+    values.update(extra)
+    return values
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mlflow_server, demo_assets):
+    """One run trained for real through RunService and the local launcher, shared by tests."""
+    from portal.config import Settings
+    from portal.services import build_services
+
+    settings = Settings(data_root=tmp_path_factory.mktemp("trained"), mlflow_tracking_uri=mlflow_server, gpus=[],
+                        dispatch_interval_seconds=0.5)
+    model_dir = install_assets(settings, demo_assets)
+    services = build_services(settings)
+    user = services.runs.ensure_user("alice")
+    run = services.runs.submit_form(user, demo_form(model_dir, "trained_once"))
+    run = services.runs.wait(user, run.id, timeout=300, interval=0.5)
+    assert run.status.value == "succeeded", services.runs.logs(user, run.id)[-3000:]
+    return {"services": services, "user": user, "run": run, "model_dir": model_dir}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _artifacts_dir():
+    ARTIFACTS.mkdir(exist_ok=True)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    yield
