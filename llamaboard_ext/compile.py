@@ -9,7 +9,9 @@ two portal rules on top: extra args win over derived values, and int-typed field
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +54,13 @@ class _IdRunner:
 
 
 def _num_problem(value: Any, kind: type, label: str, *, minimum: float | None = None) -> str | None:
+    example = {"the learning rate": "5e-5", "the number of epochs": "3.0", "the max gradient norm": "1.0"}.get(label, "1000")
     try:
         number = kind(str(value).strip())
     except (TypeError, ValueError):
-        example = "5e-5" if kind is float else "1000"
         return f"'{value}' is not a {'number' if kind is float else 'whole number'} (write {label} like {example})"
+    if not math.isfinite(number):
+        return f"'{value}' is not a finite number (write {label} like {example})"
     if minimum is not None and number < minimum:
         return f"{label} must be at least {minimum}, got {value}"
     return None
@@ -104,6 +108,14 @@ def form_to_args(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     if problems:
         raise FormError(problems)
     merged["train.learning_rate"] = str(merged["train.learning_rate"]).strip()
+    merged["top.model_name"] = merged.get("top.model_name") or CUSTOM_MODEL  # a typed path needs no list entry
+    peft = merged.get("top.finetuning_type") in PEFT_METHODS
+    for key in ("top.checkpoint_path", "train.reward_model"):  # LLaMA Board: a list for PEFT, else one path
+        value = merged.get(key)
+        if peft and isinstance(value, str):
+            merged[key] = [value] if value else []
+        elif not peft and isinstance(value, (list, tuple)):
+            merged[key] = value[0] if len(value) == 1 else ",".join(value) if value else None
     args = Runner._parse_train_args(_IdRunner(), merged)
     args["cache_dir"] = None  # LLaMA Board reads it from a process-wide file; the portal decides caches
     args["trust_remote_code"] = False  # LLaMA Board hard-codes True; only extra args can ask (and policy decides)
@@ -251,11 +263,12 @@ def args_to_form(args: dict[str, Any], catalog: dict[str, str] | None = None) ->
     flash_attn = take("flash_attn", "auto")
     unsloth, liger = take("use_unsloth", False), take("enable_liger_kernel", False)
     values["top.booster"] = "unsloth" if unsloth else "liger_kernel" if liger else "flashattn2" if flash_attn == "fa2" else "auto"
-    if flash_attn not in ("auto", "fa2"):
-        rest["flash_attn"] = flash_attn
+    if flash_attn not in ("auto", "fa2") or (flash_attn == "fa2" and (unsloth or liger)):
+        rest["flash_attn"] = flash_attn  # the booster list holds one choice; extra args keep the other
     take("dataset_dir")  # the portal chooses the dataset folder
     dataset = take("dataset", "")
-    values["train.dataset"] = [d.strip() for d in str(dataset).split(",") if d.strip()]
+    names = dataset if isinstance(dataset, (list, tuple)) else str(dataset).split(",")
+    values["train.dataset"] = [str(d).strip() for d in names if str(d).strip()]
     neftune = take("neftune_noise_alpha")
     values["train.neftune_alpha"] = neftune or 0
     packing = take("packing", False)
@@ -271,7 +284,8 @@ def args_to_form(args: dict[str, Any], catalog: dict[str, str] | None = None) ->
 
     if "quantization_bit" in rest:
         values["top.quantization_bit"] = str(take("quantization_bit"))
-        take("double_quantization")
+        if rest.get("double_quantization", True) is True:
+            take("double_quantization")  # what LLaMA Board derives; false stays in extra args
     finetuning_type = values.get("top.finetuning_type", "lora")
     adapters = take("adapter_name_or_path")
     if adapters:
@@ -289,8 +303,10 @@ def args_to_form(args: dict[str, Any], catalog: dict[str, str] | None = None) ->
         reward = take("reward_model")
         if reward:
             values["train.reward_model"] = [r for r in str(reward).split(",") if r] if finetuning_type in PEFT_METHODS else reward
-        for derived in ("reward_model_type", "top_k", "top_p"):
-            take(derived)
+        derived = {"reward_model_type": "lora" if finetuning_type == "lora" else "full", "top_k": 0, "top_p": 0.9}
+        for key, value in derived.items():
+            if rest.get(key, value) == value:
+                take(key)  # other values stay in extra args, which win
     if values["top.model_name"] in MULTIMODAL_SUPPORTED_MODELS:
         sections.append("mm")
         for key in _PIXELS:
@@ -315,7 +331,7 @@ def args_to_form(args: dict[str, Any], catalog: dict[str, str] | None = None) ->
     deepspeed = take("deepspeed")
     if deepspeed:
         name = os.path.basename(str(deepspeed))
-        if name.startswith("ds_z") and name[4:5] in ("2", "3"):
+        if re.match(r"^ds_z[23](_offload)?_config\.json$", name):
             values["train.ds_stage"] = name[4]
             values["train.ds_offload"] = "offload" in name
         else:

@@ -513,11 +513,10 @@ def test_validate_other_stage_passes(good_args):
 
 
 # ---------------------------------------------------------------------------------------
-# Known bugs (strict xfail: each turns into a failure once the bug is fixed; then drop the mark)
+# Regressions: bugs found in review, fixed, kept from coming back
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="check_form accepts 'nan'/'inf' as learning rate and epochs")
 @pytest.mark.parametrize(("field", "value"), [("train.learning_rate", "nan"), ("train.learning_rate", "inf"),
                                               ("train.num_train_epochs", "nan")])
 def test_bug_non_finite_numbers_rejected(defaults, field, value):
@@ -525,18 +524,12 @@ def test_bug_non_finite_numbers_rejected(defaults, field, value):
         form_to_args(form_values(**{field: value}), defaults)
 
 
-@pytest.mark.xfail(strict=True, reason="a typed model path with no model picked (top.model_name None) crashes "
-                                       "in LLaMA Board's get_save_dir with AttributeError instead of a FormError")
 def test_bug_no_model_name_is_not_a_crash(defaults):
     values = form_values(**{"top.model_name": None})
-    try:
-        form_to_args(values, defaults)
-    except FormError:
-        pass
+    args = form_to_args(values, defaults)  # a typed path is enough: no crash
+    assert args["model_name_or_path"] == values["top.model_path"]
 
 
-@pytest.mark.xfail(strict=True, reason="args_to_form drops PPO's reward_model_type/top_k/top_p even when they "
-                                       "differ from what the form derives")
 def test_bug_ppo_settings_in_yaml_are_kept(defaults):
     original = yaml_to_args(
         "stage: ppo\nmodel_name_or_path: /m\nfinetuning_type: lora\ndataset: x\noutput_dir: saves/Custom/lora/r\n"
@@ -545,27 +538,23 @@ def test_bug_ppo_settings_in_yaml_are_kept(defaults):
     assert (args["reward_model_type"], args["top_k"], args["top_p"]) == ("full", 50, 0.7)
 
 
-@pytest.mark.xfail(strict=True, reason="any deepspeed file named ds_z2*/ds_z3* is replaced by LLaMA Board's preset")
 def test_bug_custom_deepspeed_file_is_kept(defaults):
     original = {**yaml_to_args(HAND_WRITTEN), "deepspeed": "/opt/mine/ds_z3_custom.json"}
     args = form_to_args(args_to_form(original).values, defaults)
     assert args["deepspeed"] == "/opt/mine/ds_z3_custom.json"
 
 
-@pytest.mark.xfail(strict=True, reason="flash_attn: fa2 is lost when use_unsloth/enable_liger_kernel is also set")
 def test_bug_flash_attn_kept_with_other_booster(defaults):
     original = {**yaml_to_args(HAND_WRITTEN), "enable_liger_kernel": True, "flash_attn": "fa2"}
     args = form_to_args(args_to_form(original).values, defaults)
     assert args["enable_liger_kernel"] is True and args["flash_attn"] == "fa2"
 
 
-@pytest.mark.xfail(strict=True, reason="a YAML list of datasets is turned into \"['a'\", \"'b']\"")
 def test_bug_dataset_list_in_yaml(defaults):
     original = {**yaml_to_args(HAND_WRITTEN), "dataset": ["demo_alpaca", "other_set"]}
     assert args_to_form(original).values["train.dataset"] == ["demo_alpaca", "other_set"]
 
 
-@pytest.mark.xfail(strict=True, reason="double_quantization: false becomes true after a round trip")
 def test_bug_double_quantization_false_kept(defaults):
     original = {**yaml_to_args(HAND_WRITTEN), "double_quantization": False}
     args = form_to_args(args_to_form(original).values, defaults)
