@@ -277,6 +277,9 @@ class _FormBinder:
             self.manager.add_elems("train", create_train_tab(engine))
         elems = dict(self.manager._id_to_elem)
         _apply_labels(elems)
+        for elem_id, elem in elems.items():  # stable DOM ids: "train.dataset" -> #lb-train-dataset
+            if getattr(elem, "elem_id", None) is None:
+                elem.elem_id = "lb-" + elem_id.replace(".", "-").replace("_", "-")
         # The portal decides these: hub and data folder are settings, Abort lives in the Runs tab.
         for hidden in ("top.hub_name", "train.dataset_dir", "train.stop_btn", "train.device_count", "train.loss_viewer",
                        "train.progress_bar"):

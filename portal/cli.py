@@ -59,8 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port)
     if settings.auth_mode == "none" and not is_loopback(settings.host):
-        print(f"error: refusing to serve on {settings.host} without login (auth: none). Serve on 127.0.0.1, "
-              "or configure OIDC (PORTAL_AUTH_MODE=oidc, see docs/admin-guide.md).", file=sys.stderr)
+        print(f"error: refusing to serve on {settings.host} without login (auth: none lets anyone who reaches the "
+              "port act as the local admin). Serve on 127.0.0.1 and reach it through an SSH tunnel; "
+              "OIDC login for shared deployments is not built yet (see docs/admin-guide.md).", file=sys.stderr)
         return EXIT_USAGE
     from .services import build_services
 
@@ -201,7 +202,8 @@ def _run_id(value: str) -> int:
     try:
         return int(value.lstrip("#"))
     except ValueError:
-        raise SystemExit(f"error: RUN must be a run id (a number), got '{value}'") from None
+        print(f"error: RUN must be a run id (a number), got '{value}'", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

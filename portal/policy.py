@@ -67,8 +67,7 @@ def apply_policy(
 
     if out.get("trust_remote_code"):
         problems["trust_remote_code"] = (
-            "not allowed: model folders may not run their own code here; remove trust_remote_code "
-            "(an admin can allow it for a catalog model)"
+            "not allowed: model folders may not run their own code here; remove trust_remote_code"
         )
     out["trust_remote_code"] = False
 

@@ -302,7 +302,9 @@ class RunService:
         with self._dispatch_lock:
             with self.db.session() as s:
                 active = list(s.exec(select(Run).where(Run.status.in_(ACTIVE))).all())
-                queued = list(s.exec(select(Run).where(Run.status == RunStatus.queued).order_by(Run.id)).all())
+                # a run is ready once its MLflow run exists (submit creates it right after the row)
+                queued = list(s.exec(select(Run).where(Run.status == RunStatus.queued, Run.mlflow_run_id.is_not(None))
+                                     .order_by(Run.id)).all())
             slots = self.settings.max_concurrent_runs - len(active)
             used = {g for r in active for g in json.loads(r.launcher_state or "{}").get("gpu_ids", [])}
             free = [g for g in self.settings.gpu_ids if g not in used]

@@ -96,15 +96,23 @@ class MetricsCache:
         self._key_locks: dict[str, threading.Lock] = {}
         self.fetches = 0
 
+    def _fresh(self, entry, final: bool) -> bool:
+        """A final run's history is read once more after it ended, then kept for good."""
+        if entry is None:
+            return False
+        if entry[2]:
+            return True
+        return not final and self._clock() - entry[0] < self._ttl
+
     def get(self, run_id: str, final: bool = False) -> list[MetricPoint]:
         entry = self._entries.get(run_id)
-        if entry and (entry[2] or self._clock() - entry[0] < self._ttl):
+        if self._fresh(entry, final):
             return entry[1]
         with self._lock:
             key_lock = self._key_locks.setdefault(run_id, threading.Lock())
         with key_lock:
             entry = self._entries.get(run_id)  # another viewer may have just fetched it
-            if entry and (entry[2] or self._clock() - entry[0] < self._ttl):
+            if self._fresh(entry, final):
                 return entry[1]
             points = self._fetch(run_id)
             self.fetches += 1

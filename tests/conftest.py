@@ -162,3 +162,48 @@ def _artifacts_dir():
     ARTIFACTS.mkdir(exist_ok=True)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     yield
+
+
+class _ServerThread:
+    def __init__(self, app, port: int):
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self):
+        self.thread.start()
+        wait_http(f"{self.url}/healthz", timeout=120)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def portal(tmp_path_factory, mlflow_server, demo_assets):
+    """The portal's real web app served over HTTP (uvicorn) on a fresh data root."""
+    from portal.config import Settings
+    from portal.services import build_services
+    from portal.web import create_app
+
+    settings = Settings(data_root=tmp_path_factory.mktemp("web"), mlflow_tracking_uri=mlflow_server, gpus=[],
+                        dispatch_interval_seconds=0.5)
+    install_assets(settings, demo_assets)
+    services = build_services(settings)
+    app = create_app(services)
+    with _ServerThread(app, free_port()) as server:
+        yield {"url": server.url, "services": services, "app": app}
+    services.runs.stop_supervisor()
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(
+        executable_path=shutil.which("chromium"),
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run", "--disable-quic"],
+    )

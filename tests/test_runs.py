@@ -102,7 +102,9 @@ def _wait_for(predicate, timeout=180, interval=0.3):
     raise TimeoutError("condition not met")
 
 
-def test_queue_limit_and_cancel_stop_the_process_group(make_services):
+def test_queue_limit_and_cancel_stop_the_process_group(make_services, monkeypatch):
+    monkeypatch.setenv("PORTAL_TEST_SECRET", "s3cret")  # secrets in the portal's environment
+    monkeypatch.setenv("SECRET_API_TOKEN", "t0ken")
     services = make_services(max_concurrent_runs=1)
     runs = services.runs
     user = runs.ensure_user("carol")
@@ -122,6 +124,9 @@ def test_queue_limit_and_cancel_stop_the_process_group(make_services):
     pgid = json.loads(runs.get_run(user, first.id).launcher_state)["pid"]
     members = [p for p in psutil.process_iter() if _pgid(p) == pgid]
     assert len(members) >= 2  # the wrapper and llamafactory-cli
+    job_env = psutil.Process(pgid).environ()
+    assert job_env["MLFLOW_RUN_ID"] == first.mlflow_run_id and job_env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "PORTAL_TEST_SECRET" not in job_env and "SECRET_API_TOKEN" not in job_env
     cancelled = runs.cancel(user, first.id)
     assert cancelled.status.value == "cancelled"
     assert "carol" in (cancelled.status_reason or "")
@@ -279,3 +284,38 @@ def test_users_only_reach_their_own_runs(trained, make_services):
     assert services.runs.get_run(admin, run.id).id == run.id
     with services.db.session() as s:
         assert s.get(Run, run.id).owner == "alice"
+
+
+def test_metrics_cache_rereads_once_when_a_run_ends():
+    """A live read cached a moment before the run ended must not hide the final curve."""
+    from portal.tracking import MetricPoint, MetricsCache
+
+    now = [0.0]
+    history = [[], [MetricPoint("loss", 5, 1.0)]]
+    calls = []
+
+    def fetch(run_id):
+        calls.append(run_id)
+        return history[min(len(calls) - 1, 1)]
+
+    cache = MetricsCache(fetch, ttl_seconds=2.0, clock=lambda: now[0])
+    assert cache.get("r") == [] and cache.get("r") == []  # live, within the interval: one read
+    assert len(calls) == 1
+    assert cache.get("r", final=True) == [MetricPoint("loss", 5, 1.0)]  # ended: read again
+    now[0] = 1000.0
+    assert cache.get("r", final=True) == [MetricPoint("loss", 5, 1.0)]  # and kept for good
+    assert len(calls) == 2
+
+
+def test_dispatch_waits_for_the_mlflow_run(make_services):
+    """A queued row whose MLflow run is not created yet is never started (the job would log
+    into a stray MLflow run of its own)."""
+    services = make_services()
+    user = services.runs.ensure_user("erin")
+    with services.db.session() as s:
+        row = Run(name="not_ready", owner_id=user.id, owner="erin", run_dir="/nonexistent", output_dir="/nonexistent")
+        s.add(row)
+        s.commit()
+        s.refresh(row)
+    services.runs.dispatch()
+    assert services.runs.get_run(user, row.id).status.value == "queued"

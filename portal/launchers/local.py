@@ -39,6 +39,20 @@ def describe_exit(code: int) -> str | None:
     return f"exited with code {code}"
 
 
+# What a job inherits from the portal's environment: the basics a Python program needs, and
+# the settings of the libraries it runs. Nothing else (portal settings, secrets, tokens).
+INHERITED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV", "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED",
+})
+INHERITED_PREFIXES = ("LC_", "HF_", "CUDA_", "NCCL_", "TORCH_", "TRANSFORMERS_", "HUGGINGFACE_", "TOKENIZERS_")
+
+
+def job_environment(environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items()
+            if k in INHERITED_NAMES or (k.startswith(INHERITED_PREFIXES) and "TOKEN" not in k)}
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -51,7 +65,7 @@ class LocalLauncher(Launcher):
         spec.workdir.mkdir(parents=True, exist_ok=True)
         exit_file = spec.workdir / EXIT_FILE
         exit_file.unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}  # no portal settings or secrets
+        env = job_environment(os.environ)
         env.update(spec.env)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in spec.gpu_ids)
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import gradio as gr
 
-from llamaboard_ext.form import llamaboard_css
+from llamaboard_ext.form import form_defaults, llamaboard_css
 
 from ..runs import RunService
 from .common import current_user
@@ -15,7 +15,11 @@ from .train import build_train_tab
 
 
 def build_ui(runs: RunService) -> gr.Blocks:
-    with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), analytics_enabled=False) as blocks:
+    form_defaults()  # built here, outside any Blocks context: handlers must never build components
+    # System fonts: the page must not fetch anything from outside (Gradio's default loads Google Fonts).
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "Consolas", "monospace"])
+    with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), theme=theme, analytics_enabled=False) as blocks:
         header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):

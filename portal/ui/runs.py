@@ -46,9 +46,14 @@ def run_details(run: Run, mlflow_url: str | None) -> str:
     return "  \n".join(lines)
 
 
-def curve_frame(points) -> pd.DataFrame:
-    rows = [{"step": p.step, "value": p.value, "metric": p.key} for p in points if p.key in ("loss", "eval_loss")]
-    return pd.DataFrame(rows, columns=["step", "value", "metric"])
+def curve_frame(points) -> pd.DataFrame | None:
+    """The loss curve's data; None (not an empty frame) while there is none: Gradio 5.50's
+    LinePlot stops redrawing after it was given an empty frame."""
+    rows = [{"step": int(p.step), "loss": float(p.value), "metric": p.key} for p in points if p.key in ("loss", "eval_loss")]
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows, columns=["step", "loss", "metric"])
+    return frame.astype({"step": "int64", "loss": "float64", "metric": "str"})
 
 
 def build_runs_tab(runs: RunService) -> dict[str, Any]:
@@ -61,7 +66,7 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         with gr.Column(scale=2):
             details = gr.Markdown("Select a run.", elem_id="run-details")
         with gr.Column(scale=3):
-            curve = gr.LinePlot(value=curve_frame([]), x="step", y="value", color="metric", title="Loss (from MLflow)",
+            curve = gr.LinePlot(value=None, x="step", y="loss", color="metric", title="Loss (from MLflow)",
                                 elem_id="loss-curve", height=280)
     logs = gr.Textbox(label="Log (tail)", lines=14, max_lines=14, autoscroll=True, interactive=False, elem_id="run-log")
     with gr.Accordion("Config (YAML that ran)", open=False):
