@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -109,25 +110,24 @@ def mlflow_server(root: Path) -> Iterator[tuple[str, int]]:
     """`mlflow server` (sqlite store, one worker) on a free loopback port; yields (url, pid); stopped on exit."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    logf = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=logf, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{url}/health", proc)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
+    with open(root / "server.log", "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        logf.close()
+            _wait_http(f"{url}/health", proc)
+            yield url, proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # ---- portal services on a temp data root ---------------------------------------------------
@@ -149,7 +149,7 @@ def bench_env(prefix: str, keep: bool = False, **settings_overrides: Any) -> Ite
         t0 = time.monotonic()
         with mlflow_server(tmp / "mlflow") as (url, pid):
             log(f"mlflow server ready at {url} ({time.monotonic() - t0:.1f} s)")
-            values = dict(data_root=tmp / "portal", mlflow_tracking_uri=url, gpus=[])
+            values: dict[str, Any] = {"data_root": tmp / "portal", "mlflow_tracking_uri": url, "gpus": []}
             values.update(settings_overrides)
             settings = Settings(**values)
             services = build_services(settings)
@@ -194,7 +194,12 @@ def demo_args(demo_config: Path, **overrides: Any) -> dict[str, Any]:
 
 def job_env(tracking_uri: str, mlflow_run_id: str, experiment: str) -> dict[str, str]:
     """The environment the local launcher gives a job (portal/launchers/local.py + runs._start)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    try:  # the launcher's own allowlist of inherited variables
+        from portal.launchers.local import job_environment
+    except ImportError:  # an older launcher: everything but the portal's settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    else:
+        env = job_environment(os.environ)
     env.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": mlflow_run_id,
                 "MLFLOW_EXPERIMENT_NAME": experiment, "CUDA_VISIBLE_DEVICES": ""})
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -230,8 +235,9 @@ class CpuMeter:
     for), an optional process tree (the MLflow server), and the whole machine, so that what other
     processes took (the machine is shared) can be told apart from what was measured."""
 
-    def __init__(self, tree_pid: int | None = None):
+    def __init__(self, tree_pid: int | None = None, job_pid: int | None = None):
         self.tree_pid = tree_pid
+        self.job_pid = job_pid  # a job still running (not yet reaped, so not in RUSAGE_CHILDREN)
 
     @staticmethod
     def _machine_busy() -> float:
@@ -245,9 +251,10 @@ class CpuMeter:
 
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return {"wall": time.monotonic(), "self": me.ru_utime + me.ru_stime, "children": kids.ru_utime + kids.ru_stime,
-                "tree": tree_cpu_seconds(self.tree_pid) if self.tree_pid else 0.0, "machine": self._machine_busy()}
+                "tree": tree_cpu_seconds(self.tree_pid) if self.tree_pid else 0.0,
+                "job": tree_cpu_seconds(self.job_pid) if self.job_pid else 0.0, "machine": self._machine_busy()}
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> Self:
         self.start = self._sample()
         self.load_before = os.getloadavg()[0]
         return self
@@ -259,11 +266,13 @@ class CpuMeter:
         self.self_cpu_s = d["self"]
         self.children_cpu_s = d["children"]
         self.tree_cpu_s = d["tree"]
+        self.job_cpu_s = d["job"]
         self.machine_busy_cpu_s = d["machine"]
-        self.others_cpu_s = max(0.0, d["machine"] - d["self"] - d["children"] - d["tree"])
+        self.others_cpu_s = max(0.0, d["machine"] - d["self"] - d["children"] - d["tree"] - d["job"])
         self.load_after = os.getloadavg()[0]
 
     def as_dict(self) -> dict[str, float]:
         return {"cpu_self_s": self.self_cpu_s, "cpu_children_s": self.children_cpu_s, "cpu_mlflow_s": self.tree_cpu_s,
+                "cpu_running_job_s": self.job_cpu_s,
                 "cpu_machine_busy_s": self.machine_busy_cpu_s, "cpu_other_processes_s": self.others_cpu_s,
                 "loadavg_1m_before": self.load_before, "loadavg_1m_after": self.load_after}

@@ -29,17 +29,20 @@ usage: .venv/bin/python bench/bench_live_curves.py [--viewers 50] [--duration 20
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 NAME = "live_curves"
 BUDGET_P95_MS = 200.0
@@ -67,7 +70,7 @@ def run_viewers(fn: Callable[[], Any], viewers: int, interval: float, duration: 
             t0 = time.monotonic()
             try:
                 fn()
-            except Exception as err:  # counted and reported, the viewer goes on
+            except Exception as err:  # noqa: BLE001 -- counted and reported, the viewer goes on
                 errors.append(f"{type(err).__name__}: {err}"[:200])
             t1 = time.monotonic()
             mine.append(t1 - t0)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 try:
                     points = tracker.history(mlflow_run_id)
                     seen = f"{len(points)} points"
-                except Exception as err:  # MLflow busy: say so and try again
+                except Exception as err:  # noqa: BLE001 -- MLflow busy: say so and try again
                     points, seen = [], f"MLflow error {type(err).__name__}: {err}"[:200]
                 took = time.monotonic() - h0
                 if run.status.value == "running" and any(pt.key == "loss" for pt in points):
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     last_note = time.monotonic()
                 time.sleep(1.0)
             C.log(f"run {run.id} running, first loss point after {time.monotonic() - t0:.1f} s")
+            job_pid = int(json.loads(run.launcher_state or "{}").get("pid", 0)) or None
 
             refresh = None
             if "refresh" in phases:
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         refresh = build_runs_tab(runs)["refresh"]
                     request = types.SimpleNamespace(username=user.username)  # all current_user reads
                     refresh(run.id, request)  # a first call: imports and builds outside the timing
-                except Exception as err:  # say so; the other phases still count
+                except Exception as err:  # noqa: BLE001 -- say so; the other phases still count
                     notes.append(f"refresh phase skipped: the Runs tab's refresh could not be called ({err!r})")
                     C.log(notes[-1])
                     refresh = None
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f0, r0 = runs.metrics_cache.fetches, tracker.reads
                 C.log(f"phase {ph}: {0 if ph == 'idle' else opts.viewers} viewers for {opts.duration:.0f} s ...")
                 n0 = len(fetch_starts)
-                with C.CpuMeter(env["mlflow_pid"]) as meter:
+                with C.CpuMeter(env["mlflow_pid"], job_pid) as meter:
                     r = run_viewers(calls[ph], 0 if ph == "idle" else opts.viewers, opts.interval, opts.duration)
                 starts = fetch_starts[n0:]
                 cpu0, cpu1 = 0.0, meter.tree_cpu_s
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     min_gap = None
                 else:
                     fetches = f1 - f0
-                    gaps = [b - a for a, b in zip(starts, starts[1:])]
+                    gaps = [b - a for a, b in itertools.pairwise(starts)]
                     steady = (len(gaps) / (starts[-1] - starts[0])) if gaps and starts[-1] > starts[0] else fetches / r["wall_s"]
                     min_gap = min(gaps) if gaps else None
                 reads = r1 - r0
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "mlflow_reads_expected": fetches * 3, "mlflow_server_cpu_s": cpu1 - cpu0,
                     "calls_per_s": r["calls"] / r["wall_s"], "run_status_after": state,
                     "portal_process_cpu_s": meter.self_cpu_s, "other_processes_cores": meter.others_cpu_s / meter.wall_s,
+                    "training_job_cores": meter.job_cpu_s / meter.wall_s,
                     "metric_points_before": points_before, "metric_points_after": points_after,
                 })
                 results[ph] = r
@@ -227,13 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 C.log(f"phase {ph}: {r['calls']} calls, {fetches} fetches ({r['fetches_per_s']:.2f}/s{gap}), "
                       f"{reads} MLflow reads, p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
                       f"errors {r['errors']}, MLflow CPU {cpu1 - cpu0:.1f} s, portal-process CPU "
-                      f"{meter.self_cpu_s:.1f} s, other processes {r['other_processes_cores']:.2f} cores, run {state}")
+                      f"{meter.self_cpu_s:.1f} s, training {r['training_job_cores']:.2f} cores, "
+                      f"other processes {r['other_processes_cores']:.2f} cores, run {state}")
         finally:
             try:
                 run_now = runs.get_run(user, run.id)
                 if not run_now.status.is_final:
                     runs.cancel(user, run.id)
-            except Exception as err:  # bench_env stops what is left
+            except Exception as err:  # noqa: BLE001 -- bench_env stops what is left
                 C.log(f"cancel failed: {err}")
             runs.stop_supervisor()
 
@@ -244,13 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{opts.duration:.0f} s per phase (MetricsCache TTL {ttl} s) ==")
     print(f"  {'phase':<9} {'calls':>6} {'calls/s':>8} {'fetches':>7} {'fetches/s':>9} {'min gap s':>9} "
           f"{'MLflow req/s':>12} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6} "
-          f"{'MLflow CPU s':>12} {'portal CPU s':>12} {'others cores':>12}")
+          f"{'MLflow CPU s':>12} {'portal CPU s':>12} {'job cores':>9} {'others cores':>12}")
     for ph, r in results.items():
         gap = "-" if r["min_gap_between_fetches_s"] is None else f"{r['min_gap_between_fetches_s']:.2f}"
         print(f"  {ph:<9} {r['calls']:>6} {r['calls_per_s']:>8.1f} {r['fetches']:>7} {r['fetches_per_s']:>9.2f} "
               f"{gap:>9} {r['mlflow_reads_per_s']:>12.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
               f"{r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['errors']:>6} {r['mlflow_server_cpu_s']:>12.1f} "
-              f"{r['portal_process_cpu_s']:>12.1f} {r['other_processes_cores']:>12.2f}")
+              f"{r['portal_process_cpu_s']:>12.1f} {r['training_job_cores']:>9.2f} {r['other_processes_cores']:>12.2f}")
     summary: dict[str, Any] = {}
     if "cached" in results:
         c = results["cached"]
@@ -301,6 +307,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary.update(mlflow_cpu_over_idle_s={ph: v for ph, v in extra.items() if ph != "idle"})
         print(f"  portal-process CPU (viewer threads + supervisor): cached {c['portal_process_cpu_s']:.1f} s, "
               f"uncached {u['portal_process_cpu_s']:.1f} s")
+    busy = [r["other_processes_cores"] for r in results.values()]
+    if busy and max(busy) > 0.25:
+        notes.append(f"other processes (not this benchmark, its MLflow server or its training) used "
+                     f"{min(busy):.2f}-{max(busy):.2f} of the {os.cpu_count()} cores during the phases: "
+                     "latencies are those of a busy machine")
     for note in notes:
         print(f"  note: {note}")
     print(f"  (wall time of this benchmark: {total:.0f} s)")

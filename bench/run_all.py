@@ -18,7 +18,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import _common as C  # noqa: E402
+import _common as C
 
 
 def run(script: str, extra: list[str]) -> tuple[int, float]:

@@ -231,7 +231,7 @@ class _FormBinder:
         except (FormError, ValueError, PermissionError) as err:
             gr.Warning("Not submitted: see the message below the buttons.")
             return {self._output_box(): self._error_text(err)}
-        gr.Info(message)
+        gr.Info(message.replace("**", ""))  # toasts show plain text
         return {self._output_box(): message}
 
     def on_save(self, data: dict, request: gr.Request):

@@ -95,10 +95,21 @@ def _key_for_message(message: str) -> str:
     return "config"
 
 
+def _logs_to_stderr() -> None:
+    """LLaMA-Factory logs to stdout; in the portal's processes stdout is for results (CLI --json)."""
+    import logging
+    import sys
+
+    for handler in logging.getLogger("llamafactory").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
 def parser_problems(args: dict[str, Any]) -> dict[str, str]:
     """Run LLaMA-Factory's own ``get_train_args`` (no model is loaded)."""
     from llamafactory.hparams import get_train_args
 
+    _logs_to_stderr()
     with _PARSER_LOCK:
         try:
             get_train_args(dict(args))

@@ -19,7 +19,7 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-CURVE_KEYS = ("loss", "eval_loss", "learning_rate")
+CURVE_KEYS = ("loss", "eval_loss")  # what the Runs tab draws; each key is one MLflow request
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Tracker:
     """The portal's side of MLflow (creating runs, reading metric history)."""
 
     def __init__(self, tracking_uri: str, experiment: str, public_url: str | None = None):
+        # The client prints run links to stdout on finishing a run; stdout is the CLI's (e.g. --json).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri

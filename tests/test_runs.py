@@ -71,7 +71,7 @@ def test_fifty_viewers_cost_mlflow_one_read_per_interval(trained):
         t.join()
     assert len(results) == 50 and all(r == results[0] for r in results) and results[0]
     assert cache.fetches == 1
-    assert services.tracker.reads == 3  # loss, eval_loss, learning_rate: one history call each
+    assert services.tracker.reads == 2  # loss and eval_loss: one history call each
 
 
 def test_broken_dataset_fails_and_keeps_log_and_row(make_services):
@@ -319,3 +319,23 @@ def test_dispatch_waits_for_the_mlflow_run(make_services):
         s.refresh(row)
     services.runs.dispatch()
     assert services.runs.get_run(user, row.id).status.value == "queued"
+
+
+def test_embedded_mlflow_starts_once_and_is_reused(tmp_path):
+    """The embedded default: `mlflow server` on loopback with a sqlite store under the data root."""
+    import httpx
+    from conftest import free_port
+
+    from portal.tracking import EmbeddedMlflow
+
+    server = EmbeddedMlflow(tmp_path / "mlflow", free_port())
+    try:
+        url = server.ensure()
+        assert httpx.get(f"{url}/health").status_code == 200
+        pid = int(server.pid_file.read_text())
+        assert server.ensure() == url  # a second portal process reuses it
+        assert int(server.pid_file.read_text()) == pid
+        assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+    finally:
+        server.stop()
+    _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=30)

@@ -1,0 +1,103 @@
+"""The command line, run as a user runs it (a real process each time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, mlflow_server):
+    data_root = tmp_path_factory.mktemp("cli")
+    env = dict(os.environ, PORTAL_MLFLOW_TRACKING_URI=mlflow_server, PORTAL_GPUS="[]", PORTAL_DATA_ROOT=str(data_root))
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "portal.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+
+    run.data_root = data_root  # type: ignore[attr-defined]
+    return run
+
+
+@pytest.fixture(scope="module")
+def demo_config(cli) -> Path:
+    out = cli("demo", "--no-serve")
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])  # the config path is the last line
+    assert path.is_file()
+    again = cli("demo", "--no-serve")  # idempotent
+    assert again.returncode == 0 and Path(again.stdout.strip().splitlines()[-1]) == path
+    return path
+
+
+def small(config_path: Path, tmp_path: Path, **changes) -> Path:
+    config = yaml.safe_load(config_path.read_text())
+    config.update({"num_train_epochs": 1.0, "max_samples": 48, "logging_steps": 2, "cutoff_len": 96})
+    config.update(changes)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_validate_exit_codes(cli, demo_config, tmp_path):
+    ok = cli("validate", str(demo_config))
+    assert ok.returncode == 0 and f"{demo_config}: ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\ndo_train: true\nmodel_name_or_path: /etc\ndataset: demo_alpaca\nlearning_rate: fast\n"
+                   "hub_token: hf_x\n")
+    out = cli("validate", str(demo_config), str(bad))
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert f"{demo_config}: ok" in lines
+    assert any(line.startswith(f"{bad}: hub_token: not allowed") for line in lines), lines
+    assert any(line.startswith(f"{bad}: model_name_or_path: ") for line in lines), lines
+    assert "hf_x" not in out.stdout + out.stderr  # a secret is never echoed back
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stage: [sft\n")
+    out = cli("validate", str(broken))
+    assert out.returncode == 1 and f"{broken}: yaml: invalid YAML at line" in out.stdout
+    usage = cli("validate")
+    assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_submit_wait_json_then_runs_logs_cancel(cli, demo_config, tmp_path):
+    out = cli("submit", str(small(demo_config, tmp_path)), "--name", "cli_run", "--wait", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = json.loads(out.stdout)
+    assert run["status"] == "succeeded" and run["name"] == "cli_run" and run["owner"] == "local"
+    assert run["mlflow_run_id"] and run["final_loss"] is not None and run["finished_at"]
+
+    listing = cli("runs", "--json")
+    assert listing.returncode == 0
+    rows = json.loads(listing.stdout)
+    assert {"id", "name", "owner", "status", "created_at", "finished_at", "mlflow_run_id", "final_loss"} <= set(rows[0])
+    assert run["id"] in [r["id"] for r in rows]
+    table = cli("runs")
+    assert "cli_run" in table.stdout and "succeeded" in table.stdout
+
+    logs = cli("logs", str(run["id"]))
+    assert logs.returncode == 0 and "train_loss" in logs.stdout
+
+    cancel = cli("cancel", str(run["id"]))
+    assert cancel.returncode == 1 and "already succeeded" in cancel.stderr
+    missing = cli("logs", "999")
+    assert missing.returncode == 1 and "run 999 not found" in missing.stderr
+    assert cli("logs", "abc").returncode == 2
+
+
+def test_submit_rejected_config_exits_3_and_names_the_key(cli, demo_config, tmp_path):
+    out = cli("submit", str(small(demo_config, tmp_path, push_to_hub=True)))
+    assert out.returncode == 3
+    assert "push_to_hub: not allowed" in out.stderr
+
+
+def test_serve_refuses_a_public_address_without_login(cli):
+    out = cli("serve", "--host", "0.0.0.0", timeout=120)
+    assert out.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without login" in out.stderr
