@@ -15,7 +15,6 @@ import platform
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,45 +88,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[tuple[str, int]]:
-    """`mlflow server` (sqlite store, one worker) on a free loopback port; yields (url, pid); stopped on exit."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    with open(root / "server.log", "wb") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_http(f"{url}/health", proc)
-            yield url, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """`mlflow server` (sqlite store, one worker) on a free loopback port, started by the portal's
+    own EmbeddedMlflow; yields (url, pid); stopped on exit."""
+    from portal.tracking import EmbeddedMlflow
+
+    server = EmbeddedMlflow(root, free_port())
+    try:
+        url = server.ensure()
+        yield url, server.pid
+    finally:
+        server.stop()
 
 
 # ---- portal services on a temp data root ---------------------------------------------------

@@ -154,6 +154,7 @@ class EmbeddedMlflow:
         self.url = f"http://{host}:{port}"
         self.pid_file = self.root / "server.pid"
         self.log_file = self.root / "server.log"
+        self._proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         return [
@@ -176,6 +177,7 @@ class EmbeddedMlflow:
         with open(self.log_file, "ab") as logf:
             proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=self.root)
+        self._proc = proc
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -187,13 +189,33 @@ class EmbeddedMlflow:
             time.sleep(0.5)
         raise RuntimeError(f"mlflow server did not answer within {timeout:.0f} s; see {self.log_file}")
 
-    def stop(self) -> None:
+    @property
+    def pid(self) -> int | None:
         try:
-            pid = int(self.pid_file.read_text())
+            return int(self.pid_file.read_text())
         except (OSError, ValueError):
+            return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server (its whole process group: uvicorn and its workers)."""
+        pid = self.pid
+        if pid is None:
             return
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self._proc is not None and self._proc.poll() is not None:
+                    break
+                try:
+                    os.killpg(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                continue
+            break
         self.pid_file.unlink(missing_ok=True)

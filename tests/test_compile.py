@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from llamafactory.extras.constants import METHODS, PEFT_METHODS, TRAINING_STAGES
 
 from llamaboard_ext.arguments import KNOWN_KEYS, type_problems

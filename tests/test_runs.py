@@ -58,7 +58,7 @@ def test_trained_run_succeeds_with_adapter_and_mlflow_curve(trained):
 
 
 def test_fifty_viewers_cost_mlflow_one_read_per_interval(trained):
-    services, user, run = trained["services"], trained["user"], trained["run"]
+    services, run = trained["services"], trained["run"]
     from portal.tracking import MetricsCache
 
     cache = MetricsCache(services.tracker.history, ttl_seconds=60)
@@ -269,6 +269,8 @@ def test_bad_yaml_is_rejected(rejecting):
 def test_users_only_reach_their_own_runs(trained, make_services):
     services, alice, run = trained["services"], trained["user"], trained["run"]
     from portal.runs import NotFound
+
+    assert services.runs.get_run(alice, run.id).owner == "alice"
 
     mallory = services.runs.ensure_user("mallory")
     with pytest.raises(NotFound):

@@ -120,7 +120,6 @@ class LocalLauncher(Launcher):
         return self._same_process_alive(state)
 
     def poll(self, state: dict[str, Any]) -> PollResult:
-        pid = int(state.get("pid", 0))
         if self.is_alive(state):
             return PollResult(None)
         code = self._read_exit(state)
