@@ -42,7 +42,8 @@ class Tracker:
         self.experiment_name = experiment
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._experiment_id: str | None = None
-        self.reads = 0  # metric-history requests sent to MLflow (benchmarks read this)
+        self.reads = 0  # metric-history requests sent to MLflow (tests and benchmarks read this)
+        self._reads_lock = threading.Lock()
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -77,7 +78,8 @@ class Tracker:
     def history(self, run_id: str, keys: tuple[str, ...] = CURVE_KEYS) -> list[MetricPoint]:
         points: list[MetricPoint] = []
         for key in keys:
-            self.reads += 1
+            with self._reads_lock:
+                self.reads += 1
             for m in self.client.get_metric_history(run_id, key):
                 points.append(MetricPoint(key=key, step=int(m.step), value=float(m.value)))
         return points

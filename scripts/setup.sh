@@ -27,7 +27,8 @@ apt_install() {
 # Debian's chromium; `playwright install` downloads its own build and cannot work offline).
 apt_install git
 if ((WANT_TEST)); then
-  apt_install chromium fonts-dejavu-core
+  # postgresql: the tests run the same code on a real PostgreSQL server they start themselves
+  apt_install chromium fonts-dejavu-core postgresql
 fi
 
 PYTHON="${PYTHON:-}"
