@@ -60,8 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port)
     if settings.auth_mode == "none" and not is_loopback(settings.host):
         print(f"error: refusing to serve on {settings.host} without login (auth: none lets anyone who reaches the "
-              "port act as the local admin). Serve on 127.0.0.1 and reach it through an SSH tunnel; "
-              "OIDC login for shared deployments is not built yet (see docs/admin-guide.md).", file=sys.stderr)
+              "port act as the local admin). Serve on 127.0.0.1, or turn on OIDC login: PORTAL_AUTH_MODE=oidc, "
+              "PORTAL_OIDC_ISSUER, PORTAL_OIDC_CLIENT_ID, PORTAL_OIDC_CLIENT_SECRET (see docs/admin-guide.md).",
+              file=sys.stderr)
         return EXIT_USAGE
     from .services import build_services
 

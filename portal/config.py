@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -47,8 +47,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 7860
     database_url: str | None = None  # default: sqlite file under the data root
-    auth_mode: Literal["none"] = "none"
+    auth_mode: Literal["none", "oidc"] = "none"
     local_username: str = "local"
+    # OIDC (auth_mode: oidc). The client secret comes from the env or a file, never a config file in Git.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    oidc_client_secret_file: Path | None = None
+    oidc_scopes: str = "openid email profile"
+    oidc_username_claim: str = "preferred_username"  # falls back to the email's local part, then sub
+    oidc_groups_claim: str = "groups"
+    oidc_admin_group: str | None = None
+    public_url: str | None = None  # how browsers reach the portal, e.g. https://llm.bank.example
+    session_secret: SecretStr | None = None  # None: a key made once and kept in <data root>/session.key
+    session_idle_minutes: int = Field(default=120, ge=1)
+    session_max_hours: int = Field(default=12, ge=1)
 
     launcher: Literal["local"] = "local"
     max_concurrent_runs: int = Field(default=2, ge=1)
@@ -69,6 +82,38 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         return (init_settings, env_settings, _YamlFileSource(settings_cls), file_secret_settings)
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> "Settings":
+        if self.auth_mode == "oidc":
+            missing = [name for name in ("oidc_issuer", "oidc_client_id") if not getattr(self, name)]
+            if not (self.oidc_client_secret or self.oidc_client_secret_file):
+                missing.append("oidc_client_secret (or oidc_client_secret_file)")
+            if missing:
+                env = ", ".join("PORTAL_" + m.split(" ")[0].upper() for m in missing)
+                raise ValueError(f"auth_mode oidc needs {', '.join(missing)}: set {env}")
+        return self
+
+    def oidc_secret(self) -> str:
+        if self.oidc_client_secret is not None:
+            return self.oidc_client_secret.get_secret_value()
+        if self.oidc_client_secret_file is not None:
+            return Path(self.oidc_client_secret_file).read_text(encoding="utf-8").strip()
+        raise ValueError("no OIDC client secret: set PORTAL_OIDC_CLIENT_SECRET or PORTAL_OIDC_CLIENT_SECRET_FILE")
+
+    def session_key(self) -> str:
+        """The key that signs session cookies: from settings, else made once under the data root."""
+        if self.session_secret is not None:
+            return self.session_secret.get_secret_value()
+        path = self.data_root / "session.key"
+        if not path.is_file():
+            import secrets
+
+            self.data_root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
 
     @field_validator("data_root")
     @classmethod

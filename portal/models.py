@@ -37,6 +37,8 @@ class User(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     username: str = Field(index=True, unique=True, max_length=64)
+    subject: str | None = Field(default=None, index=True, unique=True, max_length=255)  # OIDC "sub"
+    groups: str = ""  # comma separated, from the IdP's groups claim at the last login
     email: str | None = None
     display_name: str | None = None
     is_admin: bool = False

@@ -137,9 +137,10 @@ class RunService:
             raise PermissionError(f"unknown or inactive user '{username}'")
         return user
 
-    def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None) -> None:
+    def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None,
+              client: str | None = None) -> None:
         with self.db.session() as s:
-            s.add(AuditEvent(username=username, action=action, target=target, detail=detail))
+            s.add(AuditEvent(username=username, action=action, target=target, detail=detail, client=client))
             s.commit()
 
     def space(self, user: User) -> UserSpace:

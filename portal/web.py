@@ -30,7 +30,6 @@ def is_loopback(host: str) -> bool:
 def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     settings = services.settings
     runs = services.runs
-    local_user = runs.ensure_user(settings.local_username, is_admin=True)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -68,13 +67,24 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     def root():
         return RedirectResponse(f"{UI_PATH}/")
 
-    def current_username(request: Request) -> str | None:
-        # auth: none — one local user; only ever served on loopback (checked at start).
-        return local_user.username
+    if settings.auth_mode == "oidc":
+        from .auth import install_oidc, session_username
+
+        install_oidc(app, runs, settings)
+        current_username = session_username
+        if settings.launcher == "local":
+            log.warning("OIDC login with the local launcher: every job runs as this portal's OS user and can read "
+                        "all users' files; use it for one trusted team only (see docs/admin-guide.md)")
+    else:
+        local_user = runs.ensure_user(settings.local_username, is_admin=True)
+
+        def current_username(request: Request) -> str | None:
+            # auth: none: one local user; only ever served on loopback (checked by `serve`).
+            return local_user.username
 
     from .ui.app import build_ui
 
-    blocks = build_ui(runs)
+    blocks = build_ui(runs, sign_out=settings.auth_mode == "oidc")
     blocks.queue(default_concurrency_limit=8)
     app = gr.mount_gradio_app(app, blocks, path=UI_PATH, auth_dependency=current_username,
                               max_file_size="2mb", show_api=False)

@@ -14,7 +14,7 @@ from .runs import build_runs_tab
 from .train import build_train_tab
 
 
-def build_ui(runs: RunService) -> gr.Blocks:
+def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
     form_defaults()  # built here, outside any Blocks context: handlers must never build components
     # System fonts: the page must not fetch anything from outside (Gradio's default loads Google Fonts).
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -35,7 +35,7 @@ def build_ui(runs: RunService) -> gr.Blocks:
             models = runs.catalog.models()
             return {
                 header: f"## LLaMA Board Portal\nSigned in as **{user.username}**"
-                        + (" (admin)" if user.is_admin else ""),
+                        + (" (admin)" if user.is_admin else "") + (" · [Sign out](/logout)" if sign_out else ""),
                 form.component("train.current_time"): now,
                 form.component("train.output_dir"): gr.Dropdown(value=f"train_{now}", choices=[f"train_{now}"]),
                 form.component("train.config_path"): gr.Dropdown(value=f"{now}.yaml", choices=[f"{now}.yaml"]),

@@ -1,0 +1,191 @@
+"""Login: OIDC (authorization code + PKCE, state, nonce; ID token checked by authlib against the
+provider's JWKS, issuer, audience and expiry), signed session cookies with idle and absolute
+lifetimes, and one middleware in front of every route that refuses requests without a session.
+
+auth: none keeps the single local user (served on loopback only, checked by `serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from sqlmodel import select
+from starlette.middleware.sessions import SessionMiddleware
+
+from .config import Settings
+from .models import User, utcnow
+from .runs import RunService
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/login", "/auth/callback", "/logout", "/healthz")
+SESSION_COOKIE = "portal_session"
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class LoginRefused(Exception):
+    """A login the portal will not accept; the message is shown to the person."""
+
+
+def username_from_claims(claims: dict[str, Any], username_claim: str) -> str:
+    raw = claims.get(username_claim) or (str(claims.get("email") or "").split("@")[0]) or claims.get("sub") or ""
+    name = _NAME_CHARS.sub("_", str(raw)).strip("._-")[:64]
+    if not name:
+        raise LoginRefused("the identity provider sent no usable user name (preferred_username, email or sub)")
+    return name
+
+
+def groups_from_claims(claims: dict[str, Any], groups_claim: str) -> list[str]:
+    value = claims.get(groups_claim) or []
+    if isinstance(value, str):
+        value = [value]
+    return [str(g) for g in value]
+
+
+def upsert_oidc_user(runs: RunService, settings: Settings, claims: dict[str, Any]) -> User:
+    """Create the user on first login, refresh name, email and groups on each login."""
+    subject = str(claims.get("sub") or "")
+    if not subject:
+        raise LoginRefused("the ID token has no subject (sub)")
+    username = username_from_claims(claims, settings.oidc_username_claim)
+    groups = groups_from_claims(claims, settings.oidc_groups_claim)
+    is_admin = bool(settings.oidc_admin_group and settings.oidc_admin_group in groups)
+    with runs.db.session() as s:
+        user = s.exec(select(User).where(User.subject == subject)).first()
+        if user is None:
+            same_name = s.exec(select(User).where(User.username == username)).first()
+            if same_name is not None:
+                raise LoginRefused(f"the user name '{username}' already belongs to another identity; ask an admin")
+            user = User(username=username, subject=subject)
+        if not user.is_active:
+            raise LoginRefused(f"the account '{user.username}' is deactivated; ask an admin")
+        user.email = claims.get("email") or user.email
+        user.display_name = claims.get("name") or user.display_name
+        user.groups = ",".join(groups)
+        user.is_admin = is_admin
+        user.last_login_at = utcnow()
+        s.add(user)
+        s.commit()
+        s.refresh(user)
+        return user
+
+
+def _safe_next(target: str | None) -> str:
+    """Only paths of this portal: no scheme, no host, no '//' or backslash tricks."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or "://" in target:
+        return "/ui/"
+    return target
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title></head>"
+            f"<body style='font-family:sans-serif;max-width:40em;margin:4em auto'><h2>{escape(title)}</h2>{body}"
+            f"</body></html>")
+    return HTMLResponse(html, status_code=status)
+
+
+def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
+    """Login routes, the session middleware and the guard in front of everything else."""
+    from authlib.integrations.starlette_client import OAuth, OAuthError
+
+    oauth = OAuth()
+    oauth.register(
+        name="idp",
+        server_metadata_url=settings.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration",
+        client_id=settings.oidc_client_id,
+        client_secret=settings.oidc_secret(),
+        client_kwargs={"scope": settings.oidc_scopes, "code_challenge_method": "S256"},
+    )
+    idle_s = settings.session_idle_minutes * 60
+    max_s = settings.session_max_hours * 3600
+
+    def callback_url(request: Request) -> str:
+        base = settings.public_url.rstrip("/") if settings.public_url else str(request.base_url).rstrip("/")
+        return f"{base}/auth/callback"
+
+    @app.get("/login")
+    async def login(request: Request, next: str | None = None):
+        request.session.clear()
+        request.session["next"] = _safe_next(next)
+        return await oauth.idp.authorize_redirect(request, callback_url(request))
+
+    @app.get("/auth/callback")
+    async def auth_callback(request: Request):
+        client = request.client.host if request.client else None
+        try:
+            token = await oauth.idp.authorize_access_token(request)
+            claims = dict(token.get("userinfo") or {})
+            user = upsert_oidc_user(runs, settings, claims)
+        except (OAuthError, LoginRefused, ValueError) as err:
+            reason = getattr(err, "description", None) or str(err) or err.__class__.__name__
+            runs.audit("-", "login_refused", None, f"{err.__class__.__name__}: {reason}"[:500], client=client)
+            request.session.clear()
+            return _page("Sign-in failed", f"<p>{escape(reason)}</p><p><a href='/login'>Try again</a></p>", 400)
+        target = _safe_next(request.session.get("next"))
+        now = int(time.time())
+        request.session.clear()
+        request.session.update({"uid": user.id, "username": user.username, "login_at": now, "seen_at": now,
+                                "id_token": token.get("id_token", "")[:4096]})
+        runs.audit(user.username, "login", None, f"groups: {user.groups}"[:500], client=client)
+        return RedirectResponse(target, status_code=303)
+
+    @app.get("/logout")
+    async def logout(request: Request):
+        username = request.session.get("username")
+        id_token = request.session.get("id_token")
+        request.session.clear()
+        if username:
+            runs.audit(username, "logout", client=request.client.host if request.client else None)
+        try:
+            metadata = await oauth.idp.load_server_metadata()
+        except Exception:  # the provider is down: the portal's own session is gone anyway
+            metadata = {}
+        end = metadata.get("end_session_endpoint")
+        if end and id_token:
+            base = settings.public_url.rstrip("/") if settings.public_url else str(request.base_url).rstrip("/")
+            query = urlencode({"id_token_hint": id_token, "post_logout_redirect_uri": f"{base}/login"})
+            return RedirectResponse(f"{end}?{query}", status_code=303)
+        return _page("Signed out", "<p><a href='/login'>Sign in again</a></p>")
+
+    @app.middleware("http")
+    async def require_session(request: Request, call_next):
+        path = request.url.path
+        if path in PUBLIC_PATHS:
+            return await call_next(request)
+        session = request.session
+        now = int(time.time())
+        uid = session.get("uid")
+        expired = (uid is not None and (now - int(session.get("seen_at", 0)) > idle_s
+                                        or now - int(session.get("login_at", 0)) > max_s))
+        user = None
+        if uid is not None and not expired:
+            with runs.db.session() as s:
+                user = s.get(User, uid)
+        if user is None or not user.is_active or user.username != session.get("username"):
+            session.clear()
+            wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
+            if wants_page:
+                return RedirectResponse("/login?" + urlencode({"next": path}), status_code=303)
+            return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
+        if now - int(session.get("seen_at", 0)) > 60:
+            session["seen_at"] = now  # idle clock; written at most once a minute
+        request.state.user = user
+        return await call_next(request)
+
+    # added last = outermost: the session is decoded before the guard runs
+    app.add_middleware(SessionMiddleware, secret_key=settings.session_key(), session_cookie=SESSION_COOKIE,
+                       max_age=max_s, same_site="lax",
+                       https_only=bool(settings.public_url and settings.public_url.startswith("https://")))
+
+
+def session_username(request: Request) -> str | None:
+    """Gradio's auth_dependency (synchronous on purpose: an async one is never awaited)."""
+    user = getattr(request.state, "user", None)
+    return user.username if user is not None else None
