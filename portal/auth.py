@@ -16,12 +16,14 @@ from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from starlette.middleware.sessions import SessionMiddleware
 
 from .config import Settings
 from .models import User, utcnow
 from .runs import RunService
+from .storage import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,13 @@ class LoginRefused(Exception):
 
 
 def username_from_claims(claims: dict[str, Any], username_claim: str) -> str:
-    raw = claims.get(username_claim) or (str(claims.get("email") or "").split("@")[0]) or claims.get("sub") or ""
-    name = _NAME_CHARS.sub("_", str(raw)).strip("._-")[:64]
-    if not name:
-        raise LoginRefused("the identity provider sent no usable user name (preferred_username, email or sub)")
-    return name
+    """The first of the username claim, the email's local part and sub that makes a valid name."""
+    candidates = [claims.get(username_claim), str(claims.get("email") or "").split("@")[0], claims.get("sub")]
+    for raw in candidates:
+        name = _NAME_CHARS.sub("_", str(raw or "")).replace("..", "_").strip("._-")[:64]
+        if name and NAME_PATTERN.match(name):
+            return name
+    raise LoginRefused("the identity provider sent no usable user name (preferred_username, email or sub)")
 
 
 def groups_from_claims(claims: dict[str, Any], groups_claim: str) -> list[str]:
@@ -57,6 +61,14 @@ def upsert_oidc_user(runs: RunService, settings: Settings, claims: dict[str, Any
     username = username_from_claims(claims, settings.oidc_username_claim)
     groups = groups_from_claims(claims, settings.oidc_groups_claim)
     is_admin = bool(settings.oidc_admin_group and settings.oidc_admin_group in groups)
+    try:
+        return _upsert(runs, subject, username, claims, groups, is_admin)
+    except IntegrityError:  # two first sign-ins of the same person at once: the other one made the row
+        return _upsert(runs, subject, username, claims, groups, is_admin)
+
+
+def _upsert(runs: RunService, subject: str, username: str, claims: dict[str, Any], groups: list[str],
+            is_admin: bool) -> User:
     with runs.db.session() as s:
         user = s.exec(select(User).where(User.subject == subject)).first()
         if user is None:
@@ -75,6 +87,34 @@ def upsert_oidc_user(runs: RunService, settings: Settings, claims: dict[str, Any
         s.commit()
         s.refresh(user)
         return user
+
+
+def _guard_websockets(app, runs: RunService, idle_s: int, max_s: int):  # noqa: ANN001 (an ASGI app)
+    """WebSocket connections get the same session check (HTTP middleware never sees them)."""
+
+    async def guard(scope, receive, send):
+        if scope["type"] == "websocket" and scope.get("path") not in PUBLIC_PATHS:
+            session = scope.get("session") or {}
+            if _session_user(runs, session, idle_s, max_s) is None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
+        await app(scope, receive, send)
+
+    return guard
+
+
+def _session_user(runs: RunService, session: dict, idle_s: int, max_s: int) -> User | None:
+    uid = session.get("uid")
+    if uid is None:
+        return None
+    now = int(time.time())
+    if now - int(session.get("seen_at", 0)) > idle_s or now - int(session.get("login_at", 0)) > max_s:
+        return None
+    with runs.db.session() as s:
+        user = s.get(User, uid)
+    if user is None or not user.is_active or user.username != session.get("username"):
+        return None
+    return user
 
 
 def _safe_next(target: str | None) -> str:
@@ -114,7 +154,12 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
     async def login(request: Request, next: str | None = None):
         request.session.clear()
         request.session["next"] = _safe_next(next)
-        return await oauth.idp.authorize_redirect(request, callback_url(request))
+        try:
+            return await oauth.idp.authorize_redirect(request, callback_url(request))
+        except Exception as err:  # the provider is unreachable or its discovery document is broken
+            log.error("OIDC provider unreachable at login: %s", err)
+            return _page("Sign-in unavailable", "<p>The company sign-in service cannot be reached. Try again "
+                         "in a minute; if it persists, tell your portal admin.</p>", 503)
 
     @app.get("/auth/callback")
     async def auth_callback(request: Request):
@@ -123,7 +168,9 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             token = await oauth.idp.authorize_access_token(request)
             claims = dict(token.get("userinfo") or {})
             user = upsert_oidc_user(runs, settings, claims)
-        except (OAuthError, LoginRefused, ValueError) as err:
+        except Exception as err:  # state, token exchange, ID token (signature, iss, aud, exp, nonce), network
+            if not isinstance(err, (OAuthError, LoginRefused)):
+                log.warning("login refused: %s: %s", err.__class__.__name__, err)
             reason = getattr(err, "description", None) or str(err) or err.__class__.__name__
             runs.audit("-", "login_refused", None, f"{err.__class__.__name__}: {reason}"[:500], client=client)
             request.session.clear()
@@ -131,8 +178,10 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
         target = _safe_next(request.session.get("next"))
         now = int(time.time())
         request.session.clear()
+        id_token = token.get("id_token", "")
         request.session.update({"uid": user.id, "username": user.username, "login_at": now, "seen_at": now,
-                                "id_token": token.get("id_token", "")[:4096]})
+                                # kept for the provider's logout only when it fits in a cookie
+                                "id_token": id_token if len(id_token) <= 2500 else ""})
         runs.audit(user.username, "login", None, f"groups: {user.groups}"[:500], client=client)
         return RedirectResponse(target, status_code=303)
 
@@ -161,25 +210,21 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             return await call_next(request)
         session = request.session
         now = int(time.time())
-        uid = session.get("uid")
-        expired = (uid is not None and (now - int(session.get("seen_at", 0)) > idle_s
-                                        or now - int(session.get("login_at", 0)) > max_s))
-        user = None
-        if uid is not None and not expired:
-            with runs.db.session() as s:
-                user = s.get(User, uid)
-        if user is None or not user.is_active or user.username != session.get("username"):
+        user = _session_user(runs, session, idle_s, max_s)
+        if user is None:
             session.clear()
             wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
             if wants_page:
-                return RedirectResponse("/login?" + urlencode({"next": path}), status_code=303)
+                target = path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
             return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
         if now - int(session.get("seen_at", 0)) > 60:
             session["seen_at"] = now  # idle clock; written at most once a minute
         request.state.user = user
         return await call_next(request)
 
-    # added last = outermost: the session is decoded before the guard runs
+    app.add_middleware(_guard_websockets, runs=runs, idle_s=idle_s, max_s=max_s)
+    # added last = outermost: the session is decoded before the guards run
     app.add_middleware(SessionMiddleware, secret_key=settings.session_key(), session_cookie=SESSION_COOKIE,
                        max_age=max_s, same_site="lax",
                        https_only=bool(settings.public_url and settings.public_url.startswith("https://")))

@@ -232,6 +232,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_users(args: argparse.Namespace) -> int:
+    """Admin commands from the portal's machine (whoever can run them owns the data root anyway)."""
+    from .users import UserAdmin
+
+    services = _services(args, tracking=False)
+    actor = _local_user(services)
+    admin = UserAdmin(services.db)
+    try:
+        if args.action == "list":
+            users = admin.list_users(actor)
+            if args.json:
+                print(json.dumps([{"username": u.username, "email": u.email, "is_admin": u.is_admin,
+                                   "is_active": u.is_active, "groups": u.groups} for u in users], indent=2))
+            else:
+                for u in users:
+                    flags = ",".join(f for f, on in (("admin", u.is_admin), ("inactive", not u.is_active)) if on)
+                    print(f"{u.username:<24} {u.email or '':<32} {flags}")
+            return EXIT_OK
+        if not args.name:
+            print("error: give the user name", file=sys.stderr)
+            return EXIT_USAGE
+        user = admin.set_active(actor, args.name, args.action == "activate")
+    except (PermissionError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{user.username}: {'active' if user.is_active else 'deactivated'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaboard-portal", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -272,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running run")
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("users", parents=[common], help="list users; deactivate (ends their sessions) or activate one")
+    p.add_argument("action", choices=["list", "deactivate", "activate"])
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_users)
     return parser
 
 

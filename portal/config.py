@@ -18,6 +18,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
+SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret"})
+
+
 def default_data_root() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "llamaboard-portal"
@@ -37,11 +40,16 @@ class _YamlFileSource(PydanticBaseSettingsSource):
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the portal config file must be a YAML mapping")
+        secrets_in_file = sorted(k for k in data if k in SECRET_FIELDS)
+        if secrets_in_file:
+            raise ValueError(f"{path}: {', '.join(secrets_in_file)} must not be in the config file (it ends up in Git "
+                             "and ConfigMaps): set PORTAL_OIDC_CLIENT_SECRET(_FILE) / PORTAL_SESSION_SECRET instead")
         return data
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PORTAL_", extra="forbid")
+    # hide_input_in_errors: a startup error must not print the client secret it was given
+    model_config = SettingsConfigDict(env_prefix="PORTAL_", extra="forbid", hide_input_in_errors=True)
 
     data_root: Path = Field(default_factory=default_data_root)
     host: str = "127.0.0.1"
@@ -67,6 +75,8 @@ class Settings(BaseSettings):
     max_concurrent_runs: int = Field(default=2, ge=1)
     gpus: list[int] | None = None  # None: detect with nvidia-smi; [] forces CPU
     gpus_per_run: int = Field(default=1, ge=0)
+    max_runs_per_user: int | None = Field(default=None, ge=1)  # running at once; admins exempt; None: no limit
+    max_gpus_per_user: int | None = Field(default=None, ge=0)  # GPUs held at once; admins exempt
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
     dispatch_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -104,8 +114,13 @@ class Settings(BaseSettings):
     def session_key(self) -> str:
         """The key that signs session cookies: from settings, else made once under the data root."""
         if self.session_secret is not None:
-            return self.session_secret.get_secret_value()
+            key = self.session_secret.get_secret_value()
+            if len(key) < 32:
+                raise ValueError("PORTAL_SESSION_SECRET is too short: use at least 32 random characters")
+            return key
         path = self.data_root / "session.key"
+        if path.is_file() and len(path.read_text().strip()) < 32:
+            path.unlink()  # empty or truncated (a crash while it was written): make a new one
         if not path.is_file():
             import secrets
 

@@ -20,6 +20,10 @@ from .storage import PathNotAllowed, UserSpace, resolve_inside
 # Keys no config may set, with what to do instead.
 FORBIDDEN_KEYS: dict[str, str] = {
     "hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
+    "hf_hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
+    "export_hub_model_id": "runs do not push to a hub; export the run instead",
+    "hub_always_push": "runs do not push to a hub; export the run instead",
+    "swanlab_lark_webhook_url": "runs do not call outside services; remove it",
     "ms_hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
     "om_hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
     "swanlab_api_key": "API keys never go in a config",
@@ -32,8 +36,13 @@ FORBIDDEN_KEYS: dict[str, str] = {
     "logging_dir": "the portal chooses log folders",
     "ray_storage_path": "Ray is not used by the portal",
 }
+# Keys naming models or adapters: a folder in the user's space or the shared roots, or a hub id.
+MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
+              "reward_model_adapters")
 # Keys holding paths a user may set, as long as they stay in their space or the shared roots.
-PATH_KEYS = ("adapter_name_or_path", "tokenized_path", "media_dir", "resume_from_checkpoint", "export_dir")
+PATH_KEYS = ("tokenized_path", "media_dir", "resume_from_checkpoint", "export_dir", "kt_weight_path",
+             "kt_expert_checkpoint_path", "profiler_output_dir", "swanlab_logdir", "new_special_tokens_config",
+             "generation_config", "fsdp_config", "accelerator_config", "liger_kernel_config")
 DEEPSPEED_FILES = re.compile(r"^ds_z[23](_offload)?_config\.json$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPORT_OK = {None, "", "none", "mlflow"}
@@ -44,6 +53,25 @@ class PolicyResult:
     args: dict[str, Any]
     problems: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def _parts(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _model_problem(key: str, value: str, roots: list[Path], allow_hub: bool) -> str | None:
+    if os.path.isabs(value):
+        try:
+            resolve_inside(value, roots, key)
+        except PathNotAllowed as err:
+            return str(err)
+        return None
+    if HUB_ID.match(value) and ".." not in value:
+        return None if allow_hub else f"hub models are not allowed here: pick a catalog model instead of '{value}'"
+    return f"'{value}' is neither a folder in your space or the catalog nor a hub id (org/name): pick one from the list"
 
 
 def deepspeed_dir(settings: Settings) -> Path:
@@ -71,30 +99,23 @@ def apply_policy(
         )
     out["trust_remote_code"] = False
 
-    model = str(out.get("model_name_or_path") or "")
-    if model:
-        if os.path.isabs(model):
-            try:
-                resolve_inside(model, roots, "model_name_or_path")
-            except PathNotAllowed as err:
-                problems["model_name_or_path"] = str(err)
-        elif HUB_ID.match(model) and ".." not in model:
-            if not settings.allow_hub_models:
-                problems["model_name_or_path"] = f"hub models are not allowed here: pick a catalog model instead of '{model}'"
-        else:
-            problems["model_name_or_path"] = (
-                f"'{model}' is neither a catalog model folder nor a hub id (org/name): pick a model from the list"
-            )
+    for key in MODEL_KEYS:
+        for part in _parts(out.get(key)):
+            problem = _model_problem(key, part, roots, settings.allow_hub_models)
+            if problem:
+                problems[key] = problem
+                break
 
     for key in PATH_KEYS:
         value = out.get(key)
-        if not value:
-            continue
-        for part in str(value).split(","):
+        if not value or isinstance(value, dict):
+            continue  # inline JSON configs name no file
+        for part in _parts(value):
             try:
-                resolve_inside(part.strip(), roots, key)
+                resolve_inside(part, roots, key)
             except PathNotAllowed as err:
                 problems[key] = str(err)
+                break
 
     ds = out.get("deepspeed")
     if isinstance(ds, str) and ds:

@@ -241,6 +241,8 @@ class RunService:
 
     # ---- reading -------------------------------------------------------------------------
     def _owned(self, user: User, run: Run | None, run_id: int) -> Run:
+        if run is not None and run.owner_id != user.id and not user.is_admin:
+            self.audit(user.username, "denied", f"run:{run_id}", f"run of {run.owner}")
         if run is None or (run.owner_id != user.id and not user.is_admin):
             raise NotFound(f"run {run_id} not found")
         return run
@@ -306,17 +308,42 @@ class RunService:
                 # a run is ready once its MLflow run exists (submit creates it right after the row)
                 queued = list(s.exec(select(Run).where(Run.status == RunStatus.queued, Run.mlflow_run_id.is_not(None))
                                      .order_by(Run.id)).all())
+                admins = {u.id for u in s.exec(select(User).where(User.is_admin == True)).all()}  # noqa: E712
             slots = self.settings.max_concurrent_runs - len(active)
             used = {g for r in active for g in json.loads(r.launcher_state or "{}").get("gpu_ids", [])}
             free = [g for g in self.settings.gpu_ids if g not in used]
+            running: dict[int, int] = {}
+            holding: dict[int, int] = {}
+            for r in active:
+                running[r.owner_id] = running.get(r.owner_id, 0) + 1
+                holding[r.owner_id] = holding.get(r.owner_id, 0) + r.gpus
             for run in queued:
                 if slots <= 0 or run.gpus > len(free):
                     break  # first in, first out: a big run is not overtaken forever
+                limit = self._user_limit(run, running.get(run.owner_id, 0), holding.get(run.owner_id, 0), admins)
+                if limit:
+                    if run.status_reason != limit:
+                        self._set(run.id, where=(RunStatus.queued,), status_reason=limit)
+                    continue  # this user waits; other users' runs may go
                 if not self._set(run.id, where=(RunStatus.queued,), status=RunStatus.starting, status_reason=None):
                     continue  # another portal process took it
+                running[run.owner_id] = running.get(run.owner_id, 0) + 1
+                holding[run.owner_id] = holding.get(run.owner_id, 0) + run.gpus
                 gpu_ids, free = free[: run.gpus], free[run.gpus:]
                 slots -= 1
                 self._start(run, gpu_ids)
+
+    def _user_limit(self, run: Run, running: int, holding: int, admins: set[int]) -> str | None:
+        """Why this user's run must wait for their own runs to end (None: it may start)."""
+        if run.owner_id in admins:
+            return None
+        cap = self.settings.max_runs_per_user
+        if cap is not None and running >= cap:
+            return f"waiting: {run.owner} already has {running} run(s) running (limit {cap} per user)"
+        gpu_cap = self.settings.max_gpus_per_user
+        if gpu_cap is not None and run.gpus and holding + run.gpus > gpu_cap:
+            return f"waiting: {run.owner} holds {holding} GPU(s); this run needs {run.gpus} (limit {gpu_cap} per user)"
+        return None
 
     def _start(self, run: Run, gpu_ids: list[int]) -> None:
         run_dir = Path(run.run_dir)

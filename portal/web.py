@@ -42,14 +42,6 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
 
     app = FastAPI(title="LLaMA Board Portal", version=__version__, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        return response
-
     @app.get("/healthz")
     def healthz():
         checks = {}
@@ -81,6 +73,14 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
         def current_username(request: Request) -> str | None:
             # auth: none: one local user; only ever served on loopback (checked by `serve`).
             return local_user.username
+
+    @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
 
     from .ui.app import build_ui
 

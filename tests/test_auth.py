@@ -40,7 +40,7 @@ def sso_portal(tmp_path_factory, mlflow_server, demo_assets, idp):
     services = build_services(settings)
     app = create_app(services, supervise=False)
     with _ServerThread(app, free_port()) as server:
-        yield {"url": server.url, "services": services}
+        yield {"url": server.url, "services": services, "app": app}
 
 
 def login(portal_url: str, sub: str, next_path: str | None = None) -> httpx.Client:
@@ -167,3 +167,150 @@ def test_browser_login_shows_the_users_name(sso_portal):
             expect(page.locator("#portal-header")).to_contain_text("Sign out")
         finally:
             browser.close()
+
+
+def _gradio_call(client: httpx.Client, fn_index: int, data: list) -> dict:
+    """Call one of the portal's Gradio handlers the way the page does (queue join + event stream)."""
+    import json
+    import uuid
+
+    session_hash = uuid.uuid4().hex[:11]
+    r = client.post("/ui/gradio_api/queue/join", json={"data": data, "event_data": None, "fn_index": fn_index,
+                                                         "trigger_id": None, "session_hash": session_hash})
+    assert r.status_code == 200, r.text
+    with client.stream("GET", f"/ui/gradio_api/queue/data?session_hash={session_hash}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("no result from the Gradio queue")
+
+
+def _fn_index(app, qualname_end: str) -> int:
+    for index, block_fn in app.state.blocks.fns.items():
+        fn = getattr(block_fn, "fn", None)
+        if fn is not None and getattr(fn, "__qualname__", "").endswith(qualname_end):
+            return index
+    raise AssertionError(f"no handler {qualname_end}")
+
+
+def test_another_users_run_is_out_of_reach_through_the_gradio_api(sso_portal):
+    """Carol, signed in, calls the Runs tab's handlers with Alice's run id: nothing of it comes back,
+    the cancel is refused, and both attempts are audited."""
+    from portal.models import Run, RunStatus
+
+    services = sso_portal["services"]
+    login(sso_portal["url"], "alice-sub")
+    with services.db.session() as s:
+        alice = s.exec(select(User).where(User.username == "alice")).one()
+        run = Run(name="alice_secret_run", owner_id=alice.id, owner="alice", status=RunStatus.running,
+                  run_dir="/nonexistent", output_dir="/nonexistent", config_yaml="dataset: alice_private_data\n")
+        s.add(run)
+        s.commit()
+        s.refresh(run)
+    # carol: a signed-in user who is not an admin
+    assert httpx.put(f"{services.settings.oidc_issuer}/users/carol-sub",
+                     json={"preferred_username": "carol", "groups": ["ml-users"]}).status_code == 204
+    client = login(sso_portal["url"], "carol-sub")
+    refresh = _fn_index(sso_portal["app"], "build_runs_tab.<locals>.refresh")
+    result = _gradio_call(client, refresh, [run.id])
+    text = str(result)
+    assert f"run {run.id} not found" in text
+    assert "alice_secret_run" not in text and "alice_private_data" not in text
+    cancel = _fn_index(sso_portal["app"], "build_runs_tab.<locals>.cancel")
+    result = _gradio_call(client, cancel, [run.id])
+    assert result.get("success") is False and f"run {run.id} not found" in str(result)
+    with services.db.session() as s:
+        assert s.get(Run, run.id).status == RunStatus.running  # untouched
+        denied = s.exec(select(AuditEvent).where(AuditEvent.action == "denied",
+                                                 AuditEvent.target == f"run:{run.id}")).all()
+    assert len(denied) >= 2 and all(e.username == "carol" for e in denied)
+
+
+def test_only_admins_administer(sso_portal):
+    from portal.users import UserAdmin
+
+    services = sso_portal["services"]
+    admin = UserAdmin(services.db)
+    login(sso_portal["url"], "alice-sub")
+    login(sso_portal["url"], "bob-sub")
+    with services.db.session() as s:
+        alice = s.exec(select(User).where(User.username == "alice")).one()
+        bob = s.exec(select(User).where(User.username == "bob")).one()
+    with pytest.raises(PermissionError):
+        admin.list_users(alice)
+    with pytest.raises(PermissionError):
+        admin.set_active(alice, "bob", False)
+    client = login(sso_portal["url"], "alice-sub")
+    assert client.get("/ui/config").status_code == 200
+    admin.set_active(bob, "alice", False)  # bob is an admin through the ml-admins group
+    try:
+        assert client.get("/ui/config").status_code == 401
+        events = admin.audit_events(bob, action="deactivate_user")
+        assert events and events[0].target == "user:alice" and events[0].username == "bob"
+    finally:
+        admin.set_active(bob, "alice", True)
+
+
+def test_websocket_without_session_is_refused(sso_portal):
+    import asyncio
+
+    import websockets
+
+    async def attempt():
+        url = sso_portal["url"].replace("http://", "ws://") + "/ui/gradio_api/stream/some-event"
+        try:
+            async with websockets.connect(url, open_timeout=10):
+                return "open"
+        except websockets.exceptions.InvalidStatus as err:
+            return err.response.status_code
+
+    assert asyncio.run(attempt()) == 403
+
+
+def test_refusals_carry_the_security_headers(sso_portal):
+    r = httpx.get(sso_portal["url"] + "/ui/config")
+    assert r.status_code == 401 and r.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize("claims, expected", [
+    ({"preferred_username": "j..doe", "sub": "s1"}, "j_doe"),
+    ({"preferred_username": "张三", "email": "zhang.san@bank.example", "sub": "s2"}, "zhang.san"),
+    ({"preferred_username": "Ann Lee", "sub": "s3"}, "Ann_Lee"),
+    ({"sub": "auth0|123"}, "auth0_123"),
+])
+def test_usernames_from_claims(claims, expected):
+    from portal.auth import username_from_claims
+
+    assert username_from_claims(claims, "preferred_username") == expected
+
+
+def test_no_usable_username_is_refused():
+    from portal.auth import LoginRefused, username_from_claims
+
+    with pytest.raises(LoginRefused):
+        username_from_claims({"preferred_username": "张三", "sub": "..."}, "preferred_username")
+
+
+def test_settings_keep_secrets_out_of_files_and_errors(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from portal.config import Settings
+
+    with pytest.raises(ValidationError) as info:
+        Settings(data_root=tmp_path, auth_mode="oidc", oidc_client_secret="TOPSECRET-123")
+    assert "TOPSECRET" not in str(info.value) and "PORTAL_OIDC_ISSUER" in str(info.value)
+    config = tmp_path / "portal.yaml"
+    config.write_text("auth_mode: oidc\noidc_client_secret: TOPSECRET-123\n")
+    monkeypatch.setenv("PORTAL_CONFIG_FILE", str(config))
+    with pytest.raises(ValueError) as info:
+        Settings(data_root=tmp_path)
+    assert "must not be in the config file" in str(info.value) and "TOPSECRET" not in str(info.value)
+    monkeypatch.delenv("PORTAL_CONFIG_FILE")
+    with pytest.raises(ValueError):
+        Settings(data_root=tmp_path, session_secret="short").session_key()
+    key_file = tmp_path / "session.key"
+    key_file.write_text("")  # a crash left it empty
+    key = Settings(data_root=tmp_path).session_key()
+    assert len(key) >= 32 and oct(key_file.stat().st_mode & 0o777) == "0o600"

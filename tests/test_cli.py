@@ -101,3 +101,17 @@ def test_serve_refuses_a_public_address_without_login(cli):
     out = cli("serve", "--host", "0.0.0.0", timeout=120)
     assert out.returncode == 2
     assert "refusing to serve on 0.0.0.0 without login" in out.stderr
+
+
+def test_users_list_and_deactivate(cli):
+    from portal.config import Settings
+    from portal.services import build_services
+
+    services = build_services(Settings(data_root=cli.data_root, gpus=[]), start_tracking=False)
+    services.runs.ensure_user("henry")
+    out = cli("users", "deactivate", "henry")
+    assert out.returncode == 0 and "henry: deactivated" in out.stdout
+    listing = json.loads(cli("users", "list", "--json").stdout)
+    assert {"username": "henry", "is_active": False}.items() <= next(u for u in listing if u["username"] == "henry").items()
+    assert cli("users", "deactivate", "nobody").returncode == 1
+    assert cli("users", "activate", "henry").returncode == 0

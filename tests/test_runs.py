@@ -204,7 +204,17 @@ def rejecting(make_services):
 @pytest.mark.parametrize("change, key, words", [
     ({"model_name_or_path": "/etc"}, "model_name_or_path", "outside the folders you may use"),
     ({"model_name_or_path": "{shared}/models/../../../etc"}, "model_name_or_path", "'..'"),
-    ({"model_name_or_path": "relative/../../x"}, "model_name_or_path", "neither a catalog model"),
+    ({"model_name_or_path": "relative/../../x"}, "model_name_or_path", "neither a folder"),
+    ({"ref_model": "/etc"}, "ref_model", "outside"),
+    ({"reward_model": "/root"}, "reward_model", "outside"),
+    ({"adapter_name_or_path": "{shared}/models,/etc"}, "adapter_name_or_path", "outside"),
+    ({"tokenized_path": "/tmp/cache"}, "tokenized_path", "outside"),
+    ({"media_dir": "../media"}, "media_dir", "absolute path"),
+    ({"resume_from_checkpoint": "/var/lib"}, "resume_from_checkpoint", "outside"),
+    ({"profiler_output_dir": "/tmp/prof"}, "profiler_output_dir", "outside"),
+    ({"fsdp_config": "/etc/fsdp.json"}, "fsdp_config", "outside"),
+    ({"hf_hub_token": "hf_x"}, "hf_hub_token", "tokens never go in a config"),
+    ({"swanlab_lark_webhook_url": "https://evil.example"}, "swanlab_lark_webhook_url", "outside services"),
     ({"adapter_name_or_path": "/tmp"}, "adapter_name_or_path", "outside"),
     ({"hub_token": "hf_secret"}, "hub_token", "tokens never go in a config"),
     ({"push_to_hub": True}, "push_to_hub", "not allowed"),
@@ -282,6 +292,9 @@ def test_users_only_reach_their_own_runs(trained, make_services):
     with pytest.raises(NotFound):
         services.runs.metrics(mallory, run.id)
     assert run.id not in [r.id for r in services.runs.list_runs(mallory)]
+    with services.db.session() as s:
+        denied = s.exec(select(AuditEvent).where(AuditEvent.username == "mallory", AuditEvent.action == "denied")).all()
+    assert len(denied) >= 4 and all(e.target == f"run:{run.id}" for e in denied)
     admin = services.runs.ensure_user("root_admin", is_admin=True)
     assert services.runs.get_run(admin, run.id).id == run.id
     with services.db.session() as s:
@@ -341,3 +354,24 @@ def test_embedded_mlflow_starts_once_and_is_reused(tmp_path):
     finally:
         server.stop()
     _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+
+
+def test_per_user_limit_queues_with_a_reason_and_lets_others_run(make_services):
+    services = make_services(max_concurrent_runs=3, max_runs_per_user=1)
+    runs = services.runs
+    frank, grace = runs.ensure_user("frank"), runs.ensure_user("grace")
+    model = services.settings.shared_models_root / "tiny-llama"
+    long = {"train.num_train_epochs": "500.0", "train.max_samples": "200"}
+    first = runs.submit_form(frank, demo_form(model, "frank_1", **long))
+    second = runs.submit_form(frank, demo_form(model, "frank_2", **long))
+    other = runs.submit_form(grace, demo_form(model, "grace_1", **long))
+    try:
+        assert first.status.value == "running"
+        second = runs.get_run(frank, second.id)
+        assert second.status.value == "queued"
+        assert second.status_reason == "waiting: frank already has 1 run(s) running (limit 1 per user)"
+        assert other.status.value == "running"  # another user's run is not held up by frank's limit
+    finally:
+        for run, owner in ((second, frank), (first, frank), (other, grace)):
+            runs.cancel(owner, run.id)
+    assert runs.get_run(frank, second.id).started_at is None

@@ -10,6 +10,8 @@ from llamaboard_ext.form import form_defaults, llamaboard_css
 
 from ..runs import RunService
 from .common import current_user
+from ..users import UserAdmin
+from .admin import build_admin_tab
 from .runs import build_runs_tab
 from .train import build_train_tab
 
@@ -26,6 +28,8 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
                 form = build_train_tab(runs)
             with gr.Tab("Runs", id="runs"):
                 runs_tab = build_runs_tab(runs)
+            with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
+                build_admin_tab(runs, UserAdmin(runs.db))
 
         lf_names = [c[0] if isinstance(c, tuple) else c for c in form.component("top.model_name").choices]
 
@@ -40,10 +44,11 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
                 form.component("train.output_dir"): gr.Dropdown(value=f"train_{now}", choices=[f"train_{now}"]),
                 form.component("train.config_path"): gr.Dropdown(value=f"{now}.yaml", choices=[f"{now}.yaml"]),
                 form.component("top.model_name"): gr.Dropdown(choices=list(models) + [n for n in lf_names if n not in models]),
+                admin_tab: gr.Tab(visible=user.is_admin),
             }
 
         blocks.load(on_load, None, [header, form.component("train.current_time"), form.component("train.output_dir"),
-                                    form.component("train.config_path"), form.component("top.model_name")])
+                                    form.component("train.config_path"), form.component("top.model_name"), admin_tab])
     blocks.portal_form = form  # type: ignore[attr-defined]
     blocks.portal_tabs = tabs  # type: ignore[attr-defined]
     blocks.portal_runs_tab = runs_tab  # type: ignore[attr-defined]

@@ -56,10 +56,19 @@ def curve_frame(points) -> pd.DataFrame | None:
     return frame.astype({"step": "int64", "loss": "float64", "metric": "str"})
 
 
+def _run_number(value) -> int:
+    try:
+        return int(str(value).strip().lstrip("#").split()[0])
+    except (ValueError, IndexError):
+        raise ValueError(f"'{value}' is not a run id: type a run number like 12") from None
+
+
 def build_runs_tab(runs: RunService) -> dict[str, Any]:
     with gr.Row():
         refresh_btn = gr.Button("Refresh", scale=0, elem_id="runs-refresh")
-        selected = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="run-select")
+        # custom values: a run id can be typed (the service decides whether it is yours)
+        selected = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="run-select",
+                               allow_custom_value=True)
         cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="run-cancel")
     table = gr.Dataframe(headers=TABLE_HEADERS, value=runs_table([]), interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row():
@@ -82,8 +91,8 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         if run_id is None:
             return dropdown, runs_table(history), "No runs yet: submit one from the Train tab.", curve_frame([]), "", ""
         try:
-            run = runs.get_run(user, int(run_id))
-        except NotFound as err:
+            run = runs.get_run(user, _run_number(run_id))
+        except (NotFound, ValueError) as err:
             return dropdown, runs_table(history), str(err), curve_frame([]), "", ""
         try:
             points = runs.metrics(user, run.id)
@@ -99,8 +108,8 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         if run_id is None:
             raise gr.Error("Select a run to cancel.")
         try:
-            run = runs.cancel(user, int(run_id))
-        except (NotFound, PortalError) as err:
+            run = runs.cancel(user, _run_number(run_id))
+        except (NotFound, PortalError, ValueError) as err:
             raise gr.Error(str(err)) from err
         gr.Info(f"Run #{run.id} is {run.status.value}.")
 
