@@ -1,6 +1,6 @@
 """Run every benchmark in sequence (each in its own process) and print one summary table.
 
-usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves] [--repeats N]
+usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login] [--repeats N]
                                           [--viewers N] [--duration S]
 (`make bench` runs it with the defaults.) Exit status 0 when every benchmark ran, whatever its
 figures: budgets are reported as OK / OVER BUDGET, never failed on; 1 when a benchmark broke.
@@ -39,7 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 launcher pairs, curves phases of 8 s (figures are noisier)")
-    p.add_argument("--only", choices=["launcher", "curves"])
+    p.add_argument("--only", choices=["launcher", "curves", "login"])
     p.add_argument("--repeats", type=int, help="launcher-overhead pairs (default 5, --quick 2)")
     p.add_argument("--viewers", type=int, help="live-curves viewers (default 50)")
     p.add_argument("--duration", type=float, help="live-curves seconds per phase (default 20, --quick 8)")
@@ -100,6 +100,18 @@ def main() -> int:
                 rows.append(("", "cache saving: fetches, p95 (uncached/cached)",
                              f"{s['fetch_ratio_uncached_over_cached']:.0f}x, {s['p95_ratio_uncached_over_cached']:.1f}x",
                              "", ""))
+
+    if opts.only in (None, "login"):
+        since = time.time()
+        code, times["login"] = run("bench_login.py", ["--logins", "10"] if opts.quick else [])
+        r = load("login", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_login.py (exit {code})")
+        else:
+            rows.append(("login", "OIDC login round trip p50 / p95",
+                         f"{r['login_ms']['p50']:.0f} / {r['login_ms']['p95']:.0f} ms", "(recorded)", ""))
+            rows.append(("", f"memory per idle session ({r['sessions']} sessions)",
+                         f"{r['memory_per_session_kb']:.1f} KB", "(recorded)", ""))
 
     print()
     print(f"== summary ({time.strftime('%Y-%m-%d %H:%M')}, {C.machine()['cpus']} CPUs) ==")

@@ -43,7 +43,7 @@ def username_from_claims(claims: dict[str, Any], username_claim: str) -> str:
         name = _NAME_CHARS.sub("_", str(raw or "")).replace("..", "_").strip("._-")[:64]
         if name and NAME_PATTERN.match(name):
             return name
-    raise LoginRefused("the identity provider sent no usable user name (preferred_username, email or sub)")
+    raise LoginRefused(f"the identity provider sent no usable user name ({username_claim}, email or sub)")
 
 
 def groups_from_claims(claims: dict[str, Any], groups_claim: str) -> list[str]:
@@ -169,9 +169,11 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             claims = dict(token.get("userinfo") or {})
             user = upsert_oidc_user(runs, settings, claims)
         except Exception as err:  # state, token exchange, ID token (signature, iss, aud, exp, nonce), network
-            if not isinstance(err, (OAuthError, LoginRefused)):
+            if isinstance(err, (OAuthError, LoginRefused)):
+                reason = getattr(err, "description", None) or str(err) or err.__class__.__name__
+            else:  # details (which may quote tokens or SQL) go to the log, not to the page
                 log.warning("login refused: %s: %s", err.__class__.__name__, err)
-            reason = getattr(err, "description", None) or str(err) or err.__class__.__name__
+                reason = f"the sign-in could not be completed ({err.__class__.__name__}); try again"
             runs.audit("-", "login_refused", None, f"{err.__class__.__name__}: {reason}"[:500], client=client)
             request.session.clear()
             return _page("Sign-in failed", f"<p>{escape(reason)}</p><p><a href='/login'>Try again</a></p>", 400)

@@ -34,7 +34,6 @@ FORBIDDEN_KEYS: dict[str, str] = {
     "overwrite_output_dir": "each run has its own output folder; a restarted job resumes from its last checkpoint",
     "cache_dir": "the portal chooses cache folders",
     "logging_dir": "the portal chooses log folders",
-    "ray_storage_path": "Ray is not used by the portal",
 }
 # Keys naming models or adapters: a folder in the user's space or the shared roots, or a hub id.
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
@@ -42,7 +41,8 @@ MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_mo
 # Keys holding paths a user may set, as long as they stay in their space or the shared roots.
 PATH_KEYS = ("tokenized_path", "media_dir", "resume_from_checkpoint", "export_dir", "kt_weight_path",
              "kt_expert_checkpoint_path", "profiler_output_dir", "swanlab_logdir", "new_special_tokens_config",
-             "generation_config", "fsdp_config", "accelerator_config", "liger_kernel_config")
+             "generation_config", "fsdp_config", "accelerator_config", "liger_kernel_config", "adapter_folder",
+             "offload_folder", "export_quantization_dataset")
 DEEPSPEED_FILES = re.compile(r"^ds_z[23](_offload)?_config\.json$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPORT_OK = {None, "", "none", "mlflow"}

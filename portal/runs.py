@@ -115,6 +115,7 @@ class RunService:
         self.tracker = tracker
         self.metrics_cache = MetricsCache(tracker.history, ttl_seconds=settings.metrics_refresh_seconds)
         self._dispatch_lock = threading.Lock()
+        self._denied_seen: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -173,6 +174,9 @@ class RunService:
         result = apply_policy(args, settings=self.settings, catalog=self.catalog, space=space, run_dir=run_dir,
                               gpus=gpus, cpus=self._job_cpus())
         problems = dict(result.problems)
+        cap = self.settings.max_gpus_per_user
+        if cap is not None and gpus > cap and not user.is_admin:
+            problems["gpus"] = f"a run takes {gpus} GPU(s) but users may hold {cap}: ask an admin to raise the limit"
         if for_submit and run_dir.exists():
             problems["output_dir"] = f"a run named '{name}' already exists in your space: choose another run name"
         if not problems:
@@ -240,16 +244,26 @@ class RunService:
         return self.get_run(user, run.id)
 
     # ---- reading -------------------------------------------------------------------------
-    def _owned(self, user: User, run: Run | None, run_id: int) -> Run:
+    def _owned(self, user: User, run: Run | None, run_id: int, purpose: str = "view") -> Run:
         if run is not None and run.owner_id != user.id and not user.is_admin:
-            self.audit(user.username, "denied", f"run:{run_id}", f"run of {run.owner}")
+            self._audit_denied(user, run, purpose)
         if run is None or (run.owner_id != user.id and not user.is_admin):
             raise NotFound(f"run {run_id} not found")
         return run
 
-    def get_run(self, user: User, run_id: int) -> Run:
+    def _audit_denied(self, user: User, run: Run, purpose: str) -> None:
+        """Every denied change is audited; denied views once per user, run and minute (a page
+        left open on a foreign run id refreshes every 2 s and must not flood the log)."""
+        if purpose == "view":
+            key, now = (user.id, run.id), time.monotonic()
+            if now - self._denied_seen.get(key, -3600.0) < 60:
+                return
+            self._denied_seen[key] = now
+        self.audit(user.username, "denied", f"run:{run.id}", f"{purpose} of a run of {run.owner}")
+
+    def get_run(self, user: User, run_id: int, purpose: str = "view") -> Run:
         with self.db.session() as s:
-            return self._owned(user, s.get(Run, run_id), run_id)
+            return self._owned(user, s.get(Run, run_id), run_id, purpose)
 
     def list_runs(self, user: User, limit: int = 500) -> list[Run]:
         with self.db.session() as s:
@@ -273,7 +287,7 @@ class RunService:
 
     # ---- cancelling ----------------------------------------------------------------------
     def cancel(self, user: User, run_id: int) -> Run:
-        run = self.get_run(user, run_id)
+        run = self.get_run(user, run_id, purpose="cancel")
         if run.status.is_final:
             raise PortalError(f"run {run_id} has already {run.status.value}")
         self.audit(user.username, "cancel", f"run:{run_id}")

@@ -71,4 +71,4 @@ def build_admin_tab(runs: RunService, admin: UserAdmin) -> dict[str, Any]:
     audit_action.submit(refresh, filters, outputs)
     deactivate_btn.click(set_active(False), [who], None).then(refresh, filters, outputs)
     activate_btn.click(set_active(True), [who], None).then(refresh, filters, outputs)
-    return {"refresh": refresh, "users": users_table, "audit": audit_table}
+    return {"refresh": refresh, "users": users_table, "audit": audit_table, "filters": filters, "outputs": outputs}

@@ -29,7 +29,8 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
             with gr.Tab("Runs", id="runs"):
                 runs_tab = build_runs_tab(runs)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
-                build_admin_tab(runs, UserAdmin(runs.db))
+                admin_parts = build_admin_tab(runs, UserAdmin(runs.db))
+            admin_tab.select(admin_parts["refresh"], admin_parts["filters"], admin_parts["outputs"])
 
         lf_names = [c[0] if isinstance(c, tuple) else c for c in form.component("top.model_name").choices]
 
