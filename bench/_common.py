@@ -141,18 +141,7 @@ def bench_env(prefix: str, keep: bool = False, **settings_overrides: Any) -> Ite
 
 
 def stop_active_jobs(services) -> None:
-    from sqlmodel import select
-
-    from portal.models import Run, RunStatus
-
-    with services.db.session() as s:
-        active = list(s.exec(select(Run).where(Run.status.in_([RunStatus.running, RunStatus.starting]))).all())
-    for run in active:
-        state = json.loads(run.launcher_state or "{}")
-        if state:
-            services.runs.launcher.stop(state, 5)
-    if active:
-        services.runs.poll_active()
+    services.runs.stop_active_jobs(5)
 
 
 def demo_args(demo_config: Path, **overrides: Any) -> dict[str, Any]:

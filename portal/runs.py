@@ -415,6 +415,18 @@ class RunService:
         except Exception as err:  # the run's own state is what counts; MLflow catches up
             log.warning("could not close MLflow run %s: %s", mlflow_run_id, err)
 
+    def stop_active_jobs(self, grace_seconds: float) -> int:
+        """Stop every running job (tests, benchmarks, an admin's emergency stop); returns how many."""
+        with self.db.session() as s:
+            active = list(s.exec(select(Run).where(Run.status.in_(ACTIVE))).all())
+        for run in active:
+            state = json.loads(run.launcher_state or "{}")
+            if state:
+                self.launcher.stop(state, grace_seconds)
+        if active:
+            self.poll_active()
+        return len(active)
+
     def wait(self, user: User, run_id: int, timeout: float | None = None, interval: float = 1.0) -> Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -106,17 +106,7 @@ def make_services(tmp_path_factory, mlflow_server, demo_assets):
     yield factory
     for services in made:  # no job outlives its test
         services.runs.stop_supervisor()
-        from portal.models import Run, RunStatus
-        from sqlmodel import select
-
-        with services.db.session() as s:
-            active = list(s.exec(select(Run).where(Run.status.in_([RunStatus.running, RunStatus.starting]))).all())
-        for run in active:
-            import json
-
-            state = json.loads(run.launcher_state or "{}")
-            if state:
-                services.runs.launcher.stop(state, 2)
+        services.runs.stop_active_jobs(2)
 
 
 def demo_form(model_dir: Path, name: str, **extra) -> dict:
