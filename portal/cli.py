@@ -52,12 +52,22 @@ def _run_dict(services, run) -> dict[str, Any]:
 
 # ---- commands ----------------------------------------------------------------------------
 
+def private_temp_dir(settings) -> Path:
+    """Gradio's upload/temp folder, private to the portal (0700) instead of one shared /tmp folder."""
+    path = Path(os.environ.get("GRADIO_TEMP_DIR") or settings.data_root / "tmp" / "gradio")
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    return path
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, host=args.host, port=args.port)
+    private_temp_dir(settings)  # before Gradio is imported: it reads GRADIO_TEMP_DIR at import time
     import uvicorn
 
     from .web import create_app, is_loopback
 
-    settings = _settings(args, host=args.host, port=args.port)
     if settings.auth_mode == "none" and not is_loopback(settings.host):
         print(f"error: refusing to serve on {settings.host} without login (auth: none lets anyone who reaches the "
               "port act as the local admin). Serve on 127.0.0.1, or turn on OIDC login: PORTAL_AUTH_MODE=oidc, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import gradio as gr
 from fastapi import FastAPI, Request
@@ -25,6 +26,32 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Gradio routes the portal never uses and that Gradio 5.50 leaves open or abusable
+# (file=http... open redirect/SSRF, the proxy, monitoring, MCP).
+REFUSED_PREFIXES = (f"{UI_PATH}/gradio_api/file=http", f"{UI_PATH}/file=http", f"{UI_PATH}/proxy=",
+                    f"{UI_PATH}/gradio_api/proxy=", f"{UI_PATH}/monitoring", f"{UI_PATH}/gradio_api/mcp",
+                    f"{UI_PATH}/gradio_api/upload_progress")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def hostile_request(request: Request, public_url: str | None = None) -> str | None:
+    """Why a request is refused before any route sees it (None: let it through)."""
+    path = request.url.path
+    if path.startswith(REFUSED_PREFIXES):
+        return "this route is disabled in the portal"
+    if request.method in STATE_CHANGING:
+        origin = request.headers.get("origin")
+        own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
+        if public_url:  # behind a reverse proxy the browser's origin is the public one
+            parts = urlsplit(public_url)
+            own.add(f"{parts.scheme}://{parts.netloc}")
+        if origin is not None and origin not in own:
+            return "cross-site request refused (the Origin is not this portal)"
+        if request.headers.get("sec-fetch-site") == "cross-site":
+            return "cross-site request refused"
+    return None
 
 
 def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
@@ -76,10 +103,19 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
 
     @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        refusal = hostile_request(request, settings.public_url)
+        if refusal is not None:
+            response = JSONResponse({"detail": refusal}, status_code=403)
+        else:
+            response = await call_next(request)
+        for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
+            del response.headers[name]  # Gradio echoes any Origin with credentials allowed: never cross-site
         response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
+        if (settings.public_url or "").startswith("https://"):
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
     from .ui.app import build_ui

@@ -83,6 +83,9 @@ def test_login_creates_the_user_and_opens_the_ui(sso_portal):
 ])
 def test_no_session_no_data(sso_portal, method, path):
     r = httpx.request(method, sso_portal["url"] + path)
+    if path.startswith("/ui/monitoring"):
+        assert r.status_code == 403  # disabled for everyone, session or not
+        return
     assert r.status_code == 401
     assert r.json() == {"detail": "sign in first: no valid session"}
 
@@ -314,3 +317,24 @@ def test_settings_keep_secrets_out_of_files_and_errors(tmp_path, monkeypatch):
     key_file.write_text("")  # a crash left it empty
     key = Settings(data_root=tmp_path).session_key()
     assert len(key) >= 32 and oct(key_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_cross_site_requests_and_disabled_routes_are_refused(sso_portal):
+    """With a valid session: Gradio's CORS echo is stripped, cross-site writes and the routes the
+    portal never uses are refused (open redirect / SSRF / monitoring / MCP)."""
+    client = login(sso_portal["url"], "alice-sub")
+    evil = {"origin": "https://evil.example"}
+    r = client.get("/ui/config", headers=evil)
+    assert r.status_code == 200
+    assert not [h for h in r.headers if h.lower().startswith("access-control-")]
+    r = client.post("/ui/gradio_api/queue/join", headers=evil, json={"data": [], "fn_index": 0, "session_hash": "x"})
+    assert r.status_code == 403 and "cross-site" in r.json()["detail"]
+    r = client.post("/ui/gradio_api/queue/join", headers={"sec-fetch-site": "cross-site"}, json={})
+    assert r.status_code == 403
+    for path in ("/ui/gradio_api/file=http://evil.example/x", "/ui/monitoring/summary", "/ui/gradio_api/mcp/sse",
+                 "/ui/gradio_api/upload_progress?upload_id=1"):
+        r = client.get(path, follow_redirects=False)
+        assert r.status_code == 403, path
+    # the portal's own page still works, with its headers
+    r = client.get("/ui/")
+    assert r.status_code == 200 and "frame-ancestors 'none'" in r.headers["content-security-policy"]
