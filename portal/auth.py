@@ -7,9 +7,12 @@ auth: none keeps the single local user (served on loopback only, checked by `ser
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 import time
+from collections import OrderedDict
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -117,6 +120,44 @@ def _session_user(runs: RunService, session: dict, idle_s: int, max_s: int) -> U
     return user
 
 
+class SessionHashes:
+    """Gradio's session_hash is chosen by the browser and is the only key of queue results and
+    gr.State: the first signed-in user to present one owns it; anyone else is refused."""
+
+    def __init__(self, limit: int = 200_000):
+        self._owners: OrderedDict[str, int] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def claim(self, session_hash: str, user_id: int) -> bool:
+        with self._lock:
+            owner = self._owners.get(session_hash)
+            if owner is None:
+                self._owners[session_hash] = user_id
+                if len(self._owners) > self._limit:
+                    self._owners.popitem(last=False)  # the oldest pages are long gone
+                return True
+            self._owners.move_to_end(session_hash)
+            return owner == user_id
+
+
+async def _session_hash_of(request: Request) -> str | None:
+    """The session_hash a Gradio API request carries: query, heartbeat path or JSON body."""
+    path = request.url.path
+    if "/gradio_api/" not in path:
+        return None
+    value = request.query_params.get("session_hash")
+    if value is None and "/heartbeat/" in path:
+        value = path.rsplit("/heartbeat/", 1)[1].split("/")[0]
+    if value is None and request.method == "POST" and "json" in request.headers.get("content-type", ""):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            body = {}
+        value = body.get("session_hash") if isinstance(body, dict) else None
+    return str(value) if value else None
+
+
 def _safe_next(target: str | None) -> str:
     """Only paths of this portal: no scheme, no host, no '//' or backslash tricks."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or "://" in target:
@@ -143,6 +184,7 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
         client_secret=settings.oidc_secret(),
         client_kwargs={"scope": settings.oidc_scopes, "code_challenge_method": "S256"},
     )
+    session_hashes = SessionHashes()
     idle_s = settings.session_idle_minutes * 60
     max_s = settings.session_max_hours * 3600
 
@@ -222,6 +264,11 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
         if now - int(session.get("seen_at", 0)) > 60:
             session["seen_at"] = now  # idle clock; written at most once a minute
+        hash_value = await _session_hash_of(request)
+        if hash_value is not None and not session_hashes.claim(hash_value, user.id):
+            runs.audit(user.username, "denied", "gradio_session", "another user's Gradio session_hash",
+                       client=request.client.host if request.client else None)
+            return JSONResponse({"detail": "this Gradio session belongs to another user"}, status_code=403)
         request.state.user = user
         return await call_next(request)
 

@@ -338,3 +338,28 @@ def test_cross_site_requests_and_disabled_routes_are_refused(sso_portal):
     # the portal's own page still works, with its headers
     r = client.get("/ui/")
     assert r.status_code == 200 and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+
+
+def test_a_gradio_session_hash_belongs_to_its_first_user(sso_portal):
+    """Bob presents the session_hash of Alice's page: refused (queue results and gr.State are keyed
+    by it alone), and audited."""
+    import uuid
+
+    alice = login(sso_portal["url"], "alice-sub")
+    bob = login(sso_portal["url"], "bob-sub")
+    alices_hash = uuid.uuid4().hex[:11]
+    refresh = _fn_index(sso_portal["app"], "build_runs_tab.<locals>.refresh")
+    r = alice.post("/ui/gradio_api/queue/join", json={"data": [None], "event_data": None, "fn_index": refresh,
+                                                       "trigger_id": None, "session_hash": alices_hash})
+    assert r.status_code == 200
+    assert bob.get(f"/ui/gradio_api/queue/data?session_hash={alices_hash}").status_code == 403
+    assert bob.get(f"/ui/gradio_api/heartbeat/{alices_hash}").status_code == 403
+    r = bob.post("/ui/gradio_api/queue/join", json={"data": [None], "event_data": None, "fn_index": refresh,
+                                                     "trigger_id": None, "session_hash": alices_hash})
+    assert r.status_code == 403 and "another user" in r.json()["detail"]
+    with alice.stream("GET", f"/ui/gradio_api/queue/data?session_hash={alices_hash}", timeout=30) as stream:
+        assert stream.status_code == 200  # Alice still reads her own results
+    with sso_portal["services"].db.session() as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.username == "bob",
+                                                 AuditEvent.target == "gradio_session")).all()
+    assert len(events) >= 3
