@@ -363,3 +363,121 @@ def test_a_gradio_session_hash_belongs_to_its_first_user(sso_portal):
         events = s.exec(select(AuditEvent).where(AuditEvent.username == "bob",
                                                  AuditEvent.target == "gradio_session")).all()
     assert len(events) >= 3
+
+
+# ---- a man in the middle of the provider: the ID token checks must refuse what it changes ----
+
+class _TamperingProxy:
+    """Forwards to the real OIDC provider and can change what it answers: the discovery document's
+    issuer, the ID token's signature, or replay an older token response (another login's nonce)."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        self.upstream, self.mode, self.last_token_response = upstream, None, None
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length",)}
+                r = httpx.request(method, proxy.upstream + self.path, content=body, headers=headers)
+                content = r.content
+                if self.path.startswith("/.well-known/openid-configuration") and proxy.mode == "wrong_issuer":
+                    doc = r.json()
+                    doc["issuer"] = "http://wrong-issuer.example"
+                    content = json.dumps(doc).encode()
+                if self.path.startswith("/oauth2/token") and r.status_code == 200:
+                    token = r.json()
+                    if proxy.mode == "replay" and proxy.last_token_response is not None:
+                        content = proxy.last_token_response
+                    else:
+                        proxy.last_token_response = content
+                        if proxy.mode == "tamper_signature":
+                            head, payload, sig = token["id_token"].split(".")
+                            token["id_token"] = ".".join([head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]])
+                            content = json.dumps(token).encode()
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+import json  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mitm_portal(tmp_path_factory, mlflow_server, demo_assets, idp):
+    from portal.config import Settings
+    from portal.services import build_services
+    from portal.web import create_app
+
+    proxy = _TamperingProxy(idp)
+    settings = Settings(data_root=tmp_path_factory.mktemp("mitm"), mlflow_tracking_uri=mlflow_server, gpus=[],
+                        auth_mode="oidc", oidc_issuer=proxy.url, oidc_client_id="portal", oidc_client_secret="s3cret")
+    install_assets(settings, demo_assets)
+    services = build_services(settings)
+    with _ServerThread(create_app(services, supervise=False), free_port()) as server:
+        yield {"url": server.url, "services": services, "proxy": proxy}
+    proxy.server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["tamper_signature", "replay"])
+def test_forged_id_tokens_are_refused(mitm_portal, mode):
+    proxy = mitm_portal["proxy"]
+    proxy.mode = None
+    assert login(mitm_portal["url"], "alice-sub").last_response.status_code == 303  # the honest path works
+    proxy.mode = mode
+    try:
+        client = login(mitm_portal["url"], "alice-sub")
+    finally:
+        proxy.mode = None
+    assert client.last_response.status_code == 400 and "Sign-in failed" in client.last_response.text
+    assert client.get("/ui/config").status_code == 401
+    with mitm_portal["services"].db.session() as s:
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "login_refused")
+                         .order_by(AuditEvent.id.desc())).first()
+    expected = {"tamper_signature": "BadSignatureError", "replay": "InvalidClaimError"}[mode]  # nonce of another login
+    assert refused is not None and refused.detail.startswith(expected)
+
+
+def test_a_provider_claiming_another_issuer_is_refused(mitm_portal, tmp_path_factory, mlflow_server, demo_assets):
+    """The discovery document names an issuer other than the one configured: no login."""
+    from portal.config import Settings
+    from portal.services import build_services
+    from portal.web import create_app
+
+    proxy = mitm_portal["proxy"]
+    proxy.mode = "wrong_issuer"
+    try:
+        settings = Settings(data_root=tmp_path_factory.mktemp("mitm2"), mlflow_tracking_uri=mlflow_server, gpus=[],
+                            auth_mode="oidc", oidc_issuer=proxy.url, oidc_client_id="portal",
+                            oidc_client_secret="s3cret")
+        install_assets(settings, demo_assets)
+        with _ServerThread(create_app(build_services(settings), supervise=False), free_port()) as server:
+            client = httpx.Client(base_url=server.url)
+            r = client.get("/login")
+            if r.status_code in (302, 303):
+                back = httpx.post(r.headers["location"], data={"sub": "alice-sub"}).headers["location"]
+                r = client.get(back)
+            assert r.status_code == 400 and "Sign-in failed" in r.text, r.text
+            assert client.get("/ui/config").status_code == 401
+    finally:
+        proxy.mode = None
