@@ -61,7 +61,6 @@ class FormBackend(Protocol):
 
     def model_choices(self, user: str) -> dict[str, str]: ...  # name -> path
     def dataset_choices(self, user: str, ranking: bool) -> list[str]: ...
-    def dataset_dir(self, user: str) -> str: ...
     def dataset_preview(self, user: str, dataset: str) -> list[Any]: ...
     def checkpoint_choices(self, user: str, model_name: str, finetuning_type: str) -> list[str]: ...
     def saved_forms(self, user: str) -> list[str]: ...
@@ -134,10 +133,6 @@ class _PortalRunner:
 
     def check_output_dir(self, lang: str, model_name: str, finetuning_type: str, output_dir: str, request: gr.Request):
         return {}
-
-    # LLaMA Board's preview/eval names, in case a tab binds them
-    preview_eval = preview_train
-    run_eval = run_train
 
 
 class _Engine:
@@ -322,8 +317,3 @@ def llamaboard_css() -> str:
 
     return CSS
 
-
-def catalog_model_name(path: str, catalog: dict[str, str]) -> str:
-    from .compile import model_name_for_path
-
-    return model_name_for_path(path, catalog)

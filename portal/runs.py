@@ -187,18 +187,6 @@ class RunService:
         return Prepared(name=name, args=result.args, yaml=lbc.args_to_yaml(result.args, header=header), run_dir=run_dir,
                         gpus=gpus, notes=result.notes)
 
-    def form_to_args(self, values: dict[str, Any]) -> dict[str, Any]:
-        from llamaboard_ext.form import form_defaults
-
-        return lbc.form_to_args(values, form_defaults())
-
-    def preview_form(self, user: User, values: dict[str, Any]) -> str:
-        return self.prepare(user, self.form_to_args(values), for_submit=False).yaml
-
-    # ---- submitting ----------------------------------------------------------------------
-    def submit_form(self, user: User, values: dict[str, Any]) -> Run:
-        return self.submit_args(user, self.form_to_args(values), source="form")
-
     def submit_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Run:
         try:
             args = lbc.yaml_to_args(text)

@@ -109,6 +109,14 @@ def make_services(tmp_path_factory, mlflow_server, demo_assets):
         services.runs.stop_active_jobs(2)
 
 
+def submit_form(runs, user, values: dict):
+    """Submit form values the way the Train tab does: LLaMA Board's form -> args -> RunService."""
+    from llamaboard_ext.compile import form_to_args
+    from llamaboard_ext.form import form_defaults
+
+    return runs.submit_args(user, form_to_args(values, form_defaults()), source="form")
+
+
 def demo_form(model_dir: Path, name: str, **extra) -> dict:
     values = {"top.model_name": "tiny-llama", "top.model_path": str(model_dir), "train.dataset": ["demo_alpaca"],
               "train.output_dir": name, **FAST_TRAINING}
@@ -127,7 +135,7 @@ def trained(tmp_path_factory, mlflow_server, demo_assets):
     model_dir = install_assets(settings, demo_assets)
     services = build_services(settings)
     user = services.runs.ensure_user("alice")
-    run = services.runs.submit_form(user, demo_form(model_dir, "trained_once"))
+    run = submit_form(services.runs, user, demo_form(model_dir, "trained_once"))
     run = services.runs.wait(user, run.id, timeout=300, interval=0.5)
     assert run.status.value == "succeeded", services.runs.logs(user, run.id)[-3000:]
     return {"services": services, "user": user, "run": run, "model_dir": model_dir}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import demo_form
+from conftest import demo_form, submit_form
 from sqlalchemy import inspect
 
 from portal.db import Database
@@ -21,7 +21,7 @@ def test_a_run_end_to_end_on_postgres(make_services, postgres_url):
     runs = services.runs
     alice, bob = runs.ensure_user("pg_alice"), runs.ensure_user("pg_bob")
     model = services.settings.shared_models_root / "tiny-llama"
-    run = runs.submit_form(alice, demo_form(model, "pg_run"))
+    run = submit_form(runs, alice, demo_form(model, "pg_run"))
     run = runs.wait(alice, run.id, timeout=300, interval=0.5)
     assert run.status.value == "succeeded" and run.final_loss is not None
     assert run.created_at.tzinfo is not None and run.finished_at >= run.created_at

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 from sqlmodel import select
-from conftest import demo_form
+from conftest import demo_form, submit_form
 
 from portal.models import AuditEvent, Run
 from portal.runs import ConfigRejected
@@ -81,7 +81,7 @@ def test_broken_dataset_fails_and_keeps_log_and_row(make_services):
     (space.datasets_dir / "broken.json").write_text(json.dumps([{"question": "no alpaca columns here"}] * 4))
     (space.datasets_dir / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.json"}}))
     model = services.settings.shared_models_root / "tiny-llama"
-    run = services.runs.submit_form(user, demo_form(model, "broken_run", **{"train.dataset": ["broken"]}))
+    run = submit_form(services.runs, user, demo_form(model, "broken_run", **{"train.dataset": ["broken"]}))
     run = services.runs.wait(user, run.id, timeout=240, interval=0.5)
     assert run.status.value == "failed"
     assert run.exit_code not in (None, 0)
@@ -110,8 +110,8 @@ def test_queue_limit_and_cancel_stop_the_process_group(make_services, monkeypatc
     user = runs.ensure_user("carol")
     model = services.settings.shared_models_root / "tiny-llama"
     long = {"train.num_train_epochs": "500.0", "train.max_samples": "200"}
-    first = runs.submit_form(user, demo_form(model, "long_one", **long))
-    second = runs.submit_form(user, demo_form(model, "waits", **long))
+    first = submit_form(runs, user, demo_form(model, "long_one", **long))
+    second = submit_form(runs, user, demo_form(model, "waits", **long))
     assert first.status.value == "running"
     assert second.status.value == "queued"  # one slot: it waits its turn
     runs.poll_active()
@@ -365,9 +365,9 @@ def test_per_user_limit_queues_with_a_reason_and_lets_others_run(make_services):
     frank, grace = runs.ensure_user("frank"), runs.ensure_user("grace")
     model = services.settings.shared_models_root / "tiny-llama"
     long = {"train.num_train_epochs": "500.0", "train.max_samples": "200"}
-    first = runs.submit_form(frank, demo_form(model, "frank_1", **long))
-    second = runs.submit_form(frank, demo_form(model, "frank_2", **long))
-    other = runs.submit_form(grace, demo_form(model, "grace_1", **long))
+    first = submit_form(runs, frank, demo_form(model, "frank_1", **long))
+    second = submit_form(runs, frank, demo_form(model, "frank_2", **long))
+    other = submit_form(runs, grace, demo_form(model, "grace_1", **long))
     try:
         assert first.status.value == "running"
         second = runs.get_run(frank, second.id)

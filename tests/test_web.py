@@ -53,14 +53,6 @@ def test_no_llamaboard_handler_is_wired_as_is(portal):
     assert {"_PortalRunner.run_train", "_PortalRunner.preview_train", "_FormBinder.list_datasets"} <= names
 
 
-def test_no_handler_writes_llamaboard_folders(portal, tmp_path, monkeypatch):
-    """Building the UI and using it leaves no LLaMA Board folder in the working directory."""
-    import os
-
-    for folder in ("saves", "llamaboard_config", "llamaboard_cache", "data"):
-        assert not os.path.exists(os.path.join(os.getcwd(), folder)) or folder == "data"
-
-
 def _wait(predicate, timeout: float, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,6 +164,12 @@ def test_browser_submit_follow_and_bad_input(portal, tmp_path):
             assert page.locator("#lb-train-max-samples textarea").input_value() == "77"
             assert "learning_rat" in output.inner_text()  # unknown key named in a warning
             page.screenshot(path=str(ARTIFACTS / "train-tab-loaded.png"), full_page=True)
+            # after all that clicking: none of LLaMA Board's process-wide folders or env switches
+            import os
+
+            for folder in ("saves", "llamaboard_config", "llamaboard_cache"):
+                assert not os.path.exists(os.path.join(os.getcwd(), folder)), folder
+            assert "USE_MODELSCOPE_HUB" not in os.environ and "USE_OPENMIND_HUB" not in os.environ
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
             raise
@@ -185,7 +183,9 @@ def test_rejected_submit_through_the_ui_handler_keeps_nothing(portal):
     from portal.ui.train import TrainBackend
     from llamaboard_ext.form import FormError
 
-    backend = TrainBackend(services.runs)
+    from llamaboard_ext.form import form_defaults
+
+    backend = TrainBackend(services.runs, form_defaults())
     before = len(services.runs.list_runs(services.runs.user("local")))
     with pytest.raises(FormError) as info:
         backend.submit("local", {"train.dataset": ["demo_alpaca"], "train.output_dir": "ui_reject",
@@ -199,7 +199,9 @@ def test_saved_forms_stay_in_the_users_space(portal):
     services = portal["services"]
     from portal.ui.train import TrainBackend
 
-    backend = TrainBackend(services.runs)
+    from llamaboard_ext.form import form_defaults
+
+    backend = TrainBackend(services.runs, form_defaults())
     values = {"top.model_path": str(services.settings.shared_models_root / "tiny-llama"), "top.model_name": "tiny-llama",
               "train.dataset": ["demo_alpaca"], "train.output_dir": "saved_one", "train.max_samples": "42"}
     name = backend.save_form("local", "my_form.yaml", values)

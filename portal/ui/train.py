@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from llamaboard_ext import compile as lbc
-from llamaboard_ext.form import FormError, TrainForm, build_train_form
+from llamaboard_ext.form import FormError, TrainForm, build_train_form, form_defaults
 
 from ..runs import ConfigRejected, PortalError, RunService
 from ..storage import check_name
@@ -22,8 +22,13 @@ FORM_SUFFIX = ".yaml"
 class TrainBackend:
     """The form's view of the portal: every call is made as the signed-in user."""
 
-    def __init__(self, runs: RunService):
+    def __init__(self, runs: RunService, defaults: dict[str, Any]):
         self.runs = runs
+        self.defaults = defaults  # the form's initial values: what an unset field means
+
+    def args(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Form values -> LLaMA-Factory args (raises FormError naming the fields)."""
+        return lbc.form_to_args(values, self.defaults)
 
     def _user(self, username: str):
         return self.runs.user(username)
@@ -33,9 +38,6 @@ class TrainBackend:
 
     def dataset_choices(self, user: str, ranking: bool) -> list[str]:
         return self.runs.catalog.dataset_names(self.runs.space(self._user(user)), ranking)
-
-    def dataset_dir(self, user: str) -> str:
-        return str(self.runs.space(self._user(user)).datasets_dir)
 
     def dataset_preview(self, user: str, dataset: str) -> list[Any]:
         path = self.runs.catalog.dataset_file(self.runs.space(self._user(user)), dataset)
@@ -62,7 +64,7 @@ class TrainBackend:
 
     def save_form(self, user: str, name: str, values: dict[str, Any]) -> str:
         path = self._form_path(user, name)
-        args = self.runs.form_to_args(values)
+        args = self.args(values)
         path.write_text(lbc.args_to_yaml(args), encoding="utf-8")
         self.runs.audit(user, "save_form", path.name)
         return path.name
@@ -76,13 +78,13 @@ class TrainBackend:
 
     def preview(self, user: str, values: dict[str, Any]) -> str:
         try:
-            return self.runs.preview_form(self._user(user), values)
+            return self.runs.prepare(self._user(user), self.args(values), for_submit=False).yaml
         except ConfigRejected as err:
             raise FormError(err.problems) from err
 
     def submit(self, user: str, values: dict[str, Any]) -> str:
         try:
-            run = self.runs.submit_form(self._user(user), values)
+            run = self.runs.submit_args(self._user(user), self.args(values), source="form")
         except ConfigRejected as err:
             raise FormError(err.problems) from err
         except PortalError as err:
@@ -91,7 +93,7 @@ class TrainBackend:
 
 
 def build_train_tab(runs: RunService) -> TrainForm:
-    backend = TrainBackend(runs)
+    backend = TrainBackend(runs, form_defaults())
     form = build_train_form(backend)
     output_box = form.component("train.output_box")
     with gr.Row():
@@ -103,8 +105,8 @@ def build_train_tab(runs: RunService) -> TrainForm:
         user = current_user(runs, request)
         values = form.values_from(data)
         try:
-            text = runs.preview_form(user, values)
-        except (ConfigRejected, FormError) as err:
+            text = backend.preview(user.username, values)
+        except FormError as err:
             problems = err.problems
             lines = "\n".join(f"- **{k}**: {v}" for k, v in problems.items())
             return {output_box: f"Cannot download: fix these fields (your form is unchanged):\n\n{lines}",
