@@ -57,8 +57,9 @@ _BUILD_LOCK = threading.Lock()  # the swaps below are module-wide while the comp
 
 
 class FormBackend(Protocol):
-    """What the form needs from the portal. ``user`` is the name from the authenticated request."""
+    """What the form needs from the portal. ``user`` is the name ``user_of`` returned for the request."""
 
+    def user_of(self, request: gr.Request) -> str: ...  # the signed-in user's name; raises gr.Error when none
     def model_choices(self, user: str) -> dict[str, str]: ...  # name -> path
     def dataset_choices(self, user: str, ranking: bool) -> list[str]: ...
     def dataset_preview(self, user: str, dataset: str) -> list[Any]: ...
@@ -87,13 +88,6 @@ class TrainForm:
 
     def values_from(self, data: dict[Any, Any]) -> dict[str, Any]:
         return {self.manager.get_id_by_elem(c): v for c, v in data.items() if c in self.manager._elem_to_id}
-
-
-def _username(request: gr.Request | None) -> str:
-    name = getattr(request, "username", None) if request is not None else None
-    if not name:
-        raise gr.Error("Not signed in. Reload the page to sign in again.")
-    return name
 
 
 def _apply_labels(elems: dict[str, Any], lang: str = "en") -> None:
@@ -152,31 +146,31 @@ class _FormBinder:
 
     # ---- helpers swapped into LLaMA Board's modules while it builds ------------------------
     def get_model_info(self, model_name: str, request: gr.Request):
-        models = self.backend.model_choices(_username(request))
+        models = self.backend.model_choices(self.backend.user_of(request))
         if model_name in models:
             return models[model_name], gr.update()  # a catalog model keeps the template chosen
         return lf_common.get_model_path(model_name) if model_name and model_name != "Custom" else "", lf_common.get_template(model_name)
 
     def list_checkpoints(self, model_name: str, finetuning_type: str, request: gr.Request):
-        choices = self.backend.checkpoint_choices(_username(request), model_name or "", finetuning_type)
+        choices = self.backend.checkpoint_choices(self.backend.user_of(request), model_name or "", finetuning_type)
         # no value: a loaded config's checkpoint is kept (LLaMA Board would clear it)
         return gr.Dropdown(choices=choices, multiselect=finetuning_type in PEFT_METHODS)
 
     def list_datasets(self, dataset_dir: str, training_stage: str, request: gr.Request):
         ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
-        return gr.Dropdown(choices=self.backend.dataset_choices(_username(request), ranking))
+        return gr.Dropdown(choices=self.backend.dataset_choices(self.backend.user_of(request), ranking))
 
     def change_stage(self, training_stage: str, request: gr.Request):
         """LLaMA Board clears the datasets on a stage change, which also wipes a loaded config's
         datasets; here the choices follow the stage and the chosen datasets stay."""
         ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
-        return gr.Dropdown(choices=self.backend.dataset_choices(_username(request), ranking)), gr.update()
+        return gr.Dropdown(choices=self.backend.dataset_choices(self.backend.user_of(request), ranking)), gr.update()
 
     def list_output_dirs(self, model_name: str, finetuning_type: str, current_time: str):
         return gr.Dropdown(choices=[f"train_{current_time}"] if current_time else [])
 
     def list_config_paths(self, current_time: str, request: gr.Request):
-        saved = self.backend.saved_forms(_username(request))
+        saved = self.backend.saved_forms(self.backend.user_of(request))
         default = [f"{current_time}.yaml"] if current_time else []
         return gr.Dropdown(choices=default + [s for s in saved if s not in default])
 
@@ -187,7 +181,7 @@ class _FormBinder:
         if not dataset:
             return 0, [], gr.Column(visible=False)
         try:
-            rows = self.backend.dataset_preview(_username(request), dataset[0])
+            rows = self.backend.dataset_preview(self.backend.user_of(request), dataset[0])
         except (ValueError, PermissionError) as err:
             raise gr.Error(str(err)) from err
         size = lf_data.PAGE_SIZE
@@ -214,7 +208,7 @@ class _FormBinder:
 
     def on_preview(self, data: dict, request: gr.Request):
         try:
-            text = self.backend.preview(_username(request), self._values(data))
+            text = self.backend.preview(self.backend.user_of(request), self._values(data))
         except (FormError, ValueError, PermissionError) as err:
             gr.Warning("The form has problems: see the message below the buttons.")
             return {self._output_box(): self._error_text(err).replace("Not submitted", "Cannot preview")}
@@ -222,7 +216,7 @@ class _FormBinder:
 
     def on_submit(self, data: dict, request: gr.Request):
         try:
-            message = self.backend.submit(_username(request), self._values(data))
+            message = self.backend.submit(self.backend.user_of(request), self._values(data))
         except (FormError, ValueError, PermissionError) as err:
             gr.Warning("Not submitted: see the message below the buttons.")
             return {self._output_box(): self._error_text(err)}
@@ -232,14 +226,14 @@ class _FormBinder:
     def on_save(self, data: dict, request: gr.Request):
         values = self._values(data)
         try:
-            path = self.backend.save_form(_username(request), str(values.get("train.config_path") or ""), values)
+            path = self.backend.save_form(self.backend.user_of(request), str(values.get("train.config_path") or ""), values)
         except (ValueError, PermissionError) as err:
             return {self._output_box(): f"Not saved: {err}"}
         return {self._output_box(): f"Form saved as `{path}` in your space."}
 
     def on_load(self, name: str, request: gr.Request):
         try:
-            values = self.backend.load_form(_username(request), name or "")
+            values = self.backend.load_form(self.backend.user_of(request), name or "")
         except (ValueError, PermissionError, FileNotFoundError) as err:
             return {self._output_box(): f"Not loaded: {err}"}
         out: dict[Any, Any] = {self._output_box(): f"Form `{name}` loaded."}

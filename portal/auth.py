@@ -184,6 +184,12 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
         client_secret=settings.oidc_secret(),
         client_kwargs={"scope": settings.oidc_scopes, "code_challenge_method": "S256"},
     )
+    # Authlib by default checks the audience only through azp, and the issuer against the discovery
+    # document: a token for another client that names this one in azp would pass. Check both here.
+    issuer = settings.oidc_issuer
+    id_token_rules = {"iss": {"essential": True, "values": sorted({issuer, issuer.rstrip("/")})},
+                      "aud": {"essential": True, "values": [settings.oidc_client_id]},
+                      "sub": {"essential": True}, "exp": {"essential": True}}
     session_hashes = SessionHashes()
     idle_s = settings.session_idle_minutes * 60
     max_s = settings.session_max_hours * 3600
@@ -207,7 +213,11 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
     async def auth_callback(request: Request):
         client = request.client.host if request.client else None
         try:
-            token = await oauth.idp.authorize_access_token(request)
+            named = (await oauth.idp.load_server_metadata()).get("issuer")
+            if named not in id_token_rules["iss"]["values"]:  # OIDC Discovery: it must be the configured one
+                raise LoginRefused(f"the sign-in service names itself '{named}', not the configured issuer; "
+                                   "tell your portal admin")
+            token = await oauth.idp.authorize_access_token(request, claims_options=id_token_rules)
             claims = dict(token.get("userinfo") or {})
             user = upsert_oidc_user(runs, settings, claims)
         except Exception as err:  # state, token exchange, ID token (signature, iss, aud, exp, nonce), network
@@ -230,6 +240,14 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
         return RedirectResponse(target, status_code=303)
 
     @app.get("/logout")
+    async def logout_page(request: Request):
+        """A link only shows the button: signing out changes state, so it takes a POST (CSRF-checked)."""
+        if not request.session.get("username"):
+            return _page("Signed out", "<p><a href='/login'>Sign in</a></p>")
+        return _page("Sign out", "<form method='post' action='/logout'><button type='submit'>Sign out of the portal"
+                     "</button></form><p><a href='/ui/'>Back to the portal</a></p>")
+
+    @app.post("/logout")
     async def logout(request: Request):
         username = request.session.get("username")
         id_token = request.session.get("id_token")

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -324,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("PORTAL_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command not in ("serve", "demo"):  # a server's requests carry their own address
+        from .request_context import client_address
+
+        client_address.set(f"cli@{socket.gethostname()}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

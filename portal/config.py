@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     metrics_refresh_seconds: float = Field(default=2.0, gt=0)
 
     allow_hub_models: bool = True
+    # The config-key policy on top of the built-in one (portal/policy.py FORBIDDEN_KEYS):
+    # more keys to refuse, each with what to do instead, and built-in refusals to lift.
+    # Keys carrying credentials can never be lifted.
+    policy_forbidden_keys: dict[str, str] = Field(default_factory=dict)
+    policy_allowed_keys: list[str] = Field(default_factory=list)
     job_cpus: int | None = None  # preprocessing workers per job; None: the machine's cores / concurrency
 
     @classmethod
@@ -103,6 +108,17 @@ class Settings(BaseSettings):
                 env = ", ".join("PORTAL_" + m.split(" ")[0].upper() for m in missing)
                 raise ValueError(f"auth_mode oidc needs {', '.join(missing)}: set {env}")
         return self
+
+    @field_validator("policy_allowed_keys")
+    @classmethod
+    def _no_credentials_allowed(cls, value: list[str]) -> list[str]:
+        from .policy import CREDENTIAL_KEYS
+
+        refused = sorted(set(value) & CREDENTIAL_KEYS)
+        if refused:
+            raise ValueError(f"policy_allowed_keys may not lift {', '.join(refused)}: credentials never go in a "
+                             "training config (the portal gives jobs their credentials itself)")
+        return value
 
     def oidc_secret(self) -> str:
         if self.oidc_client_secret is not None:

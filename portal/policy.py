@@ -35,6 +35,19 @@ FORBIDDEN_KEYS: dict[str, str] = {
     "cache_dir": "the portal chooses cache folders",
     "logging_dir": "the portal chooses log folders",
 }
+# Keys that carry credentials: refused whatever the configured policy says.
+CREDENTIAL_KEYS = frozenset({"hub_token", "hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key",
+                             "swanlab_lark_webhook_url"})
+
+
+def forbidden_keys(settings: Settings) -> dict[str, str]:
+    """The built-in refusals, minus those the admin lifted, plus the admin's own."""
+    keys = {k: v for k, v in FORBIDDEN_KEYS.items() if k not in settings.policy_allowed_keys or k in CREDENTIAL_KEYS}
+    keys.update({k: v or "refused by this portal's policy; ask an admin" for k, v in
+                 settings.policy_forbidden_keys.items()})
+    return keys
+
+
 # Keys naming models or adapters: a folder in the user's space or the shared roots, or a hub id.
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
               "reward_model_adapters")
@@ -86,10 +99,11 @@ def apply_policy(
     notes: list[str] = []
     roots = catalog.readable_roots(space)
 
-    for key, why in FORBIDDEN_KEYS.items():
+    refused = forbidden_keys(settings)
+    for key, why in refused.items():
         if key in out and out[key] not in (None, False, "", "none"):
             problems[key] = f"not allowed: {why}"
-    for key in FORBIDDEN_KEYS:
+    for key in refused:
         if out.get(key) in (None, False, "", "none"):
             out.pop(key, None)
 

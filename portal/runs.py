@@ -32,6 +32,7 @@ from .db import Database
 from .launchers import JobSpec, Launcher, LaunchError
 from .models import AuditEvent, Run, RunStatus, User, utcnow
 from .policy import apply_policy
+from .request_context import client_address
 from .storage import UserSpace, check_name
 from .tracking import MetricPoint, MetricsCache, Tracker
 
@@ -140,6 +141,7 @@ class RunService:
 
     def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None,
               client: str | None = None) -> None:
+        client = client or client_address.get()
         with self.db.session() as s:
             s.add(AuditEvent(username=username, action=action, target=target, detail=detail, client=client))
             s.commit()

@@ -6,6 +6,7 @@ from sqlmodel import col, select
 
 from .db import Database
 from .models import AuditEvent, User
+from .request_context import client_address
 
 
 def _require_admin(actor: User) -> None:
@@ -34,7 +35,7 @@ class UserAdmin:
             user.is_active = active
             s.add(user)
             s.add(AuditEvent(username=actor.username, action="activate_user" if active else "deactivate_user",
-                             target=f"user:{username}"))
+                             target=f"user:{username}", client=client_address.get()))
             s.commit()
             s.refresh(user)
             return user

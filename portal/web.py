@@ -29,10 +29,10 @@ def is_loopback(host: str) -> bool:
 
 
 # Gradio routes the portal never uses and that Gradio 5.50 leaves open or abusable
-# (file=http... open redirect/SSRF, the proxy, monitoring, MCP).
+# (file=http... open redirect/SSRF, the proxy, monitoring, MCP, deep links to saved page states).
 REFUSED_PREFIXES = (f"{UI_PATH}/gradio_api/file=http", f"{UI_PATH}/file=http", f"{UI_PATH}/proxy=",
                     f"{UI_PATH}/gradio_api/proxy=", f"{UI_PATH}/monitoring", f"{UI_PATH}/gradio_api/mcp",
-                    f"{UI_PATH}/gradio_api/upload_progress")
+                    f"{UI_PATH}/gradio_api/upload_progress", f"{UI_PATH}/gradio_api/deep_link")
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -41,6 +41,8 @@ def hostile_request(request: Request, public_url: str | None = None) -> str | No
     path = request.url.path
     if path.startswith(REFUSED_PREFIXES):
         return "this route is disabled in the portal"
+    if "deep_link" in request.query_params:  # loads a saved page state by its hash, whoever saved it
+        return "deep links are disabled in the portal"
     if request.method in STATE_CHANGING:
         origin = request.headers.get("origin")
         own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}

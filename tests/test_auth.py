@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlparse, urlunparse
 
 import httpx
 import pytest
-from conftest import _ServerThread, free_port, install_assets, launch_chromium
+from conftest import ARTIFACTS, _ServerThread, free_port, install_assets, launch_chromium
 from sqlmodel import select
 
 from portal.models import AuditEvent, User
@@ -148,28 +148,83 @@ def test_deactivated_user_is_out_at_the_next_request(sso_portal):
             s.commit()
 
 
-def test_logout_ends_the_session(sso_portal):
+def test_logout_takes_a_same_site_post(sso_portal):
     client = login(sso_portal["url"], "alice-sub")
-    r = client.get("/logout")
+    page = client.get("/logout")  # a link only shows the button
+    assert page.status_code == 200 and "method='post'" in page.text
+    assert client.get("/ui/config").status_code == 200
+    r = client.post("/logout", headers={"origin": "https://evil.example"})
+    assert r.status_code == 403  # another site cannot sign the user out
+    assert client.get("/ui/config").status_code == 200
+    r = client.post("/logout", headers={"origin": sso_portal["url"]})
     assert r.status_code in (200, 303)
     assert client.get("/ui/config").status_code == 401
+    with sso_portal["services"].db.session() as s:
+        event = s.exec(select(AuditEvent).where(AuditEvent.action == "logout").order_by(AuditEvent.id.desc())).first()
+    assert event.username == "alice" and event.client == "127.0.0.1"
+
+
+def _sign_in(browser, portal_url: str, sub: str):
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(portal_url + "/ui/")
+    page.get_by_placeholder("sub").fill(sub)  # the provider's own sign-in page
+    page.get_by_role("button", name="Authorize").click()
+    expect(page.locator("#portal-header")).to_contain_text("Signed in as", timeout=60_000)
+    return page
 
 
 @pytest.mark.browser
-def test_browser_login_shows_the_users_name(sso_portal):
+def test_two_users_sign_in_through_the_browser_and_see_only_their_own_runs(sso_portal):
+    """Alice and Carol sign in through the provider's page in two browser sessions: each sees their
+    own name and runs, Carol typing Alice's run id gets "not found", and Sign out ends Carol's session."""
     from playwright.sync_api import expect, sync_playwright
 
+    from portal.models import Run, RunStatus
+
+    services = sso_portal["services"]
+    assert httpx.put(f"{services.settings.oidc_issuer}/users/carol-sub",
+                     json={"preferred_username": "carol", "groups": ["ml-users"]}).status_code == 204
     with sync_playwright() as p:
         browser = launch_chromium(p)
-        page = browser.new_page()
         try:
-            page.goto(sso_portal["url"] + "/ui/")
-            page.get_by_placeholder("sub").fill("alice-sub")
-            page.get_by_role("button", name="Authorize").click()
-            expect(page.locator("#portal-header")).to_contain_text("Signed in as alice", timeout=60_000)
-            expect(page.locator("#portal-header")).to_contain_text("Sign out")
+            alice = _sign_in(browser, sso_portal["url"], "alice-sub")
+            carol = _sign_in(browser, sso_portal["url"], "carol-sub")
+            expect(alice.locator("#portal-header")).to_contain_text("Signed in as alice")
+            expect(carol.locator("#portal-header")).to_contain_text("Signed in as carol")
+            with services.db.session() as s:
+                owner = s.exec(select(User).where(User.username == "alice")).one()
+                run = Run(name="alices_browser_run", owner_id=owner.id, owner="alice", status=RunStatus.succeeded,
+                          run_dir="/nonexistent", output_dir="/nonexistent", config_yaml="dataset: alice_only\n")
+                s.add(run)
+                s.commit()
+                s.refresh(run)
+            for page in (alice, carol):
+                page.get_by_role("tab", name="Runs").click()
+                page.locator("#runs-refresh").click()
+            expect(alice.locator("#runs-table")).to_contain_text("alices_browser_run", timeout=30_000)
+            expect(carol.locator("#run-details")).to_contain_text("No runs yet", timeout=30_000)
+            carol.locator("#run-select input").fill(str(run.id))
+            carol.locator("#run-select input").press("Enter")
+            expect(carol.locator("#run-details")).to_contain_text(f"run {run.id} not found", timeout=30_000)
+            expect(carol.locator("#runs-table")).not_to_contain_text("alices_browser_run")
+            expect(carol.locator("#run-config")).not_to_contain_text("alice_only")
+            carol.screenshot(path=str(ARTIFACTS / "two-users-carol.png"), full_page=True)
+            carol.locator("#sign-out").click()
+            carol.wait_for_url("**/oauth2/end_session?*", timeout=30_000)  # the provider's logout too
+            assert "id_token_hint=" in carol.url and "post_logout_redirect_uri=" in carol.url
+            carol.goto(sso_portal["url"] + "/ui/")
+            expect(carol.get_by_placeholder("sub")).to_be_visible(timeout=30_000)  # back at the sign-in page
+            alice.locator("#runs-refresh").click()  # Alice's session is untouched
+            expect(alice.locator("#runs-table")).to_contain_text("alices_browser_run")
         finally:
             browser.close()
+    with services.db.session() as s:
+        denied = s.exec(select(AuditEvent).where(AuditEvent.action == "denied", AuditEvent.username == "carol",
+                                                 AuditEvent.target == f"run:{run.id}")).all()
+    assert denied and denied[0].client == "127.0.0.1"
 
 
 def _gradio_call(client: httpx.Client, fn_index: int, data: list) -> dict:
@@ -332,7 +387,8 @@ def test_cross_site_requests_and_disabled_routes_are_refused(sso_portal):
     r = client.post("/ui/gradio_api/queue/join", headers={"sec-fetch-site": "cross-site"}, json={})
     assert r.status_code == 403
     for path in ("/ui/gradio_api/file=http://evil.example/x", "/ui/monitoring/summary", "/ui/gradio_api/mcp/sse",
-                 "/ui/gradio_api/upload_progress?upload_id=1"):
+                 "/ui/gradio_api/upload_progress?upload_id=1", "/ui/gradio_api/deep_link?session_hash=x",
+                 "/ui/?deep_link=abc", "/ui/config?deep_link=abc"):
         r = client.get(path, follow_redirects=False)
         assert r.status_code == 403, path
     # the portal's own page still works, with its headers
@@ -367,15 +423,25 @@ def test_a_gradio_session_hash_belongs_to_its_first_user(sso_portal):
 
 # ---- a man in the middle of the provider: the ID token checks must refuse what it changes ----
 
+RESIGNING_MODES = ("resign", "wrong_audience", "expired")
+
+
 class _TamperingProxy:
     """Forwards to the real OIDC provider and can change what it answers: the discovery document's
-    issuer, the ID token's signature, or replay an older token response (another login's nonce)."""
+    issuer, the ID token's signature, or replay an older token response (another login's nonce).
+
+    It also holds a key of its own, published in the provider's JWKS while it re-signs, to re-sign ID tokens whose
+    claims it changed (audience, expiry): the signature is then valid and only the claim check can
+    refuse the token. Mode "resign" re-signs without changing anything — the control that proves it."""
 
     def __init__(self, upstream: str):
         import http.server
         import threading
 
+        from joserfc.jwk import RSAKey
+
         self.upstream, self.mode, self.last_token_response = upstream, None, None
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "mitm-key", "use": "sig", "alg": "RS256"})
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -391,6 +457,12 @@ class _TamperingProxy:
                     doc = r.json()
                     doc["issuer"] = "http://wrong-issuer.example"
                     content = json.dumps(doc).encode()
+                # published only while re-signing: the provider's tokens carry no kid, and with two
+                # keys in the set a client could not pick (clients re-fetch the set on a kid miss)
+                if self.path.startswith("/jwks") and r.status_code == 200 and proxy.mode in RESIGNING_MODES:
+                    keys = r.json()
+                    keys["keys"].append(proxy.key.as_dict(private=False))
+                    content = json.dumps(keys).encode()
                 if self.path.startswith("/oauth2/token") and r.status_code == 200:
                     token = r.json()
                     if proxy.mode == "replay" and proxy.last_token_response is not None:
@@ -400,6 +472,9 @@ class _TamperingProxy:
                         if proxy.mode == "tamper_signature":
                             head, payload, sig = token["id_token"].split(".")
                             token["id_token"] = ".".join([head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]])
+                            content = json.dumps(token).encode()
+                        elif proxy.mode in RESIGNING_MODES:
+                            token["id_token"] = proxy.resign(token["id_token"])
                             content = json.dumps(token).encode()
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
@@ -416,8 +491,27 @@ class _TamperingProxy:
                 self._forward("POST")
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.proxy = self
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+    def resign(self, id_token: str) -> str:
+        """The provider's ID token with the claim of this mode changed, signed with the proxy's key."""
+        import base64
+        import time
+
+        from joserfc import jwt
+
+        payload = id_token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if self.mode == "wrong_audience":
+            # azp naming the portal: Authlib's default checks (audience only through azp) would accept it
+            claims.update(aud="some-other-client", azp=claims["aud"] if isinstance(claims["aud"], str) else "portal")
+        elif self.mode == "expired":
+            now = int(time.time())
+            claims.update(iat=now - 7200, exp=now - 3600)  # an hour past: beyond any clock-skew leeway
+        return jwt.encode({"alg": "RS256", "kid": "mitm-key"}, claims, self.key)
 
 
 import json  # noqa: E402
@@ -439,7 +533,19 @@ def mitm_portal(tmp_path_factory, mlflow_server, demo_assets, idp):
     proxy.server.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["tamper_signature", "replay"])
+def test_a_validly_signed_token_from_the_proxy_passes(mitm_portal):
+    """The control for the audience and expiry tests: a token re-signed with a published key and
+    unchanged claims is accepted, so a refusal there can only come from the claim."""
+    mitm_portal["proxy"].mode = "resign"
+    try:
+        client = login(mitm_portal["url"], "alice-sub")
+    finally:
+        mitm_portal["proxy"].mode = None
+    assert client.last_response.status_code == 303, client.last_response.text
+    assert client.get("/ui/config").status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["tamper_signature", "replay", "wrong_audience", "expired"])
 def test_forged_id_tokens_are_refused(mitm_portal, mode):
     proxy = mitm_portal["proxy"]
     proxy.mode = None
@@ -454,7 +560,8 @@ def test_forged_id_tokens_are_refused(mitm_portal, mode):
     with mitm_portal["services"].db.session() as s:
         refused = s.exec(select(AuditEvent).where(AuditEvent.action == "login_refused")
                          .order_by(AuditEvent.id.desc())).first()
-    expected = {"tamper_signature": "BadSignatureError", "replay": "InvalidClaimError"}[mode]  # nonce of another login
+    expected = {"tamper_signature": "BadSignatureError", "replay": "InvalidClaimError",  # nonce of another login
+                "wrong_audience": "InvalidClaimError", "expired": "ExpiredTokenError"}[mode]
     assert refused is not None and refused.detail.startswith(expected)
 
 

@@ -115,3 +115,13 @@ def test_users_list_and_deactivate(cli):
     assert {"username": "henry", "is_active": False}.items() <= next(u for u in listing if u["username"] == "henry").items()
     assert cli("users", "deactivate", "nobody").returncode == 1
     assert cli("users", "activate", "henry").returncode == 0
+    import socket
+
+    from sqlmodel import select
+
+    from portal.models import AuditEvent
+
+    with services.db.session() as s:  # the audit log says the change came from the command line, and where
+        event = s.exec(select(AuditEvent).where(AuditEvent.action == "deactivate_user",
+                                                AuditEvent.target == "user:henry")).first()
+    assert event is not None and event.client == f"cli@{socket.gethostname()}"

@@ -239,6 +239,28 @@ def test_bad_configs_are_rejected_by_key(rejecting, change, key, words):
     assert words in problems[key]
 
 
+def test_the_key_policy_is_configurable_but_credentials_stay_refused(make_services, tmp_path):
+    """Admins add refusals (with their reason) and lift built-in ones; token keys cannot be lifted."""
+    from pydantic import ValidationError
+
+    from portal.config import Settings
+
+    services = make_services(policy_forbidden_keys={"neftune_noise_alpha": "not approved by model risk; remove it"},
+                             policy_allowed_keys=["overwrite_output_dir"])
+    user = services.runs.ensure_user("erin")
+    model = str(services.settings.shared_models_root / "tiny-llama")
+    base = {"stage": "sft", "do_train": True, "model_name_or_path": model, "finetuning_type": "lora",
+            "template": "default", "dataset": "demo_alpaca", "output_dir": "p1", "learning_rate": 1e-3}
+    problems = _rejected(services.runs, user, dict(base, neftune_noise_alpha=5))
+    assert problems["neftune_noise_alpha"] == "not allowed: not approved by model risk; remove it"
+    prepared = services.runs.prepare(user, dict(base, overwrite_output_dir=True), for_submit=False)
+    assert prepared.args["overwrite_output_dir"] is True  # lifted by the admin
+    assert "push_to_hub" in _rejected(services.runs, user, dict(base, push_to_hub=True))  # the rest stays
+    with pytest.raises(ValidationError) as info:
+        Settings(data_root=tmp_path, policy_allowed_keys=["hub_token", "overwrite_output_dir"])
+    assert "may not lift hub_token" in str(info.value)
+
+
 def test_symlink_out_of_the_space_is_refused(rejecting, tmp_path):
     services, user, base = rejecting
     link = services.runs.space(user).root / "sneaky_model"

@@ -142,6 +142,14 @@ def test_browser_submit_follow_and_bad_input(portal, tmp_path):
             user = services.runs.user("local")
             run = services.runs.list_runs(user)[0]
             assert run.name == run_name and run.status.value == "succeeded"
+            with services.db.session() as s:  # the audit log says where the submit came from
+                from sqlmodel import select
+
+                from portal.models import AuditEvent
+
+                event = s.exec(select(AuditEvent).where(AuditEvent.action == "submit",
+                                                        AuditEvent.target == f"run:{run.id}")).one()
+            assert event.username == "local" and event.client == "127.0.0.1"
             points = [p for p in services.runs.metrics(user, run.id) if p.key == "loss"]
             assert len(points) >= 1
             page.wait_for_timeout(2500)  # one more refresh tick draws the final curve

@@ -22,7 +22,13 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "Consolas", "monospace"])
     with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), theme=theme, analytics_enabled=False) as blocks:
-        header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
+        with gr.Row():
+            header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
+            # signing out changes state: a POST form (the security layer checks its Origin), not a link
+            gr.HTML("<form method='post' action='/logout' style='text-align:right'><button type='submit' "
+                    "id='sign-out' style='border:1px solid #d1d5db;border-radius:6px;padding:4px 14px;background:#f9fafb;"
+                    "cursor:pointer'>Sign out</button></form>", visible=sign_out,
+                    elem_id="sign-out-form")
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
                 form = build_train_tab(runs)
@@ -40,7 +46,7 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
             models = runs.catalog.models()
             return {
                 header: f"## LLaMA Board Portal\nSigned in as **{user.username}**"
-                        + (" (admin)" if user.is_admin else "") + (" · [Sign out](/logout)" if sign_out else ""),
+                        + (" (admin)" if user.is_admin else ""),
                 form.component("train.current_time"): now,
                 form.component("train.output_dir"): gr.Dropdown(value=f"train_{now}", choices=[f"train_{now}"]),
                 form.component("train.config_path"): gr.Dropdown(value=f"{now}.yaml", choices=[f"{now}.yaml"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..models import User
+from ..request_context import client_address
 from ..runs import RunService
 
 
@@ -13,6 +14,8 @@ def current_user(runs: RunService, request: gr.Request | None) -> User:
     name = getattr(request, "username", None) if request is not None else None
     if not name:
         raise gr.Error("Not signed in. Reload the page to sign in again.")
+    client = getattr(request, "client", None)
+    client_address.set(getattr(client, "host", None))  # the audit log records where actions came from
     try:
         return runs.user(name)
     except PermissionError as err:

@@ -30,6 +30,9 @@ class TrainBackend:
         """Form values -> LLaMA-Factory args (raises FormError naming the fields)."""
         return lbc.form_to_args(values, self.defaults)
 
+    def user_of(self, request: gr.Request) -> str:
+        return current_user(self.runs, request).username
+
     def _user(self, username: str):
         return self.runs.user(username)
 
