@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     with gr.Blocks(analytics_enabled=False):
                         refresh = build_runs_tab(runs)["refresh"]
                     request = types.SimpleNamespace(username=user.username)  # all current_user reads
-                    refresh(run.id, request)  # a first call: imports and builds outside the timing
+                    refresh(run.id, "", [], "", "", request)  # a first call: imports and builds outside the timing
                 except Exception as err:  # noqa: BLE001 -- say so; the other phases still count
                     notes.append(f"refresh phase skipped: the Runs tab's refresh could not be called ({err!r})")
                     C.log(notes[-1])
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "idle": lambda: None,
             }
             if refresh is not None:
-                calls["refresh"] = lambda: refresh(run.id, request)
+                calls["refresh"] = lambda: refresh(run.id, "", [], "", "", request)
 
             for ph in phases:
                 if ph not in calls:

@@ -1,6 +1,6 @@
 """Run every benchmark in sequence (each in its own process) and print one summary table.
 
-usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login] [--repeats N]
+usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login|security|datasets|history] [--repeats N]
                                           [--viewers N] [--duration S]
 (`make bench` runs it with the defaults.) Exit status 0 when every benchmark ran, whatever its
 figures: budgets are reported as OK / OVER BUDGET, never failed on; 1 when a benchmark broke.
@@ -39,7 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 launcher pairs, curves phases of 8 s (figures are noisier)")
-    p.add_argument("--only", choices=["launcher", "curves", "login"])
+    p.add_argument("--only", choices=["launcher", "curves", "login", "security", "datasets", "history"])
     p.add_argument("--repeats", type=int, help="launcher-overhead pairs (default 5, --quick 2)")
     p.add_argument("--viewers", type=int, help="live-curves viewers (default 50)")
     p.add_argument("--duration", type=float, help="live-curves seconds per phase (default 20, --quick 8)")
@@ -112,6 +112,51 @@ def main() -> int:
                          f"{r['login_ms']['p50']:.0f} / {r['login_ms']['p95']:.0f} ms", "(recorded)", ""))
             rows.append(("", f"memory per idle session ({r['sessions']} sessions)",
                          f"{r['memory_per_session_kb']:.1f} KB", "(recorded)", ""))
+
+    if opts.only in (None, "security"):
+        since = time.time()
+        code, times["security_layer"] = run("bench_security_layer.py", ["--requests", "200"] if opts.quick else [])
+        r = load("security_layer", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_security_layer.py (exit {code})")
+        else:
+            n = r["params"]["requests"]
+            for key, c in r["comparisons"].items():
+                label, route = key.split(":")
+                what = "security layer" if label == "layer" else "login guard (OIDC)"
+                rows.append(("security layer" if key == "layer:healthz" else "",
+                             f"{what}: GET {r['routes'][route]} p50 / p95 added ({n} req.)",
+                             f"{c['added_p50_ms']:+.2f} / {c['added_p95_ms']:+.2f} ms "
+                             f"(x{c['ratio_p50']:.2f} / x{c['ratio_p95']:.2f})", "(recorded)", ""))
+
+    if opts.only in (None, "datasets"):
+        since = time.time()
+        code, times["dataset_check"] = run("bench_dataset_check.py", ["--formats", "jsonl"] if opts.quick else [])
+        r = load("dataset_check", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_dataset_check.py (exit {code})")
+        else:
+            big = max((f for f in r["files"] if f["format"] == "jsonl"), key=lambda f: f["size_mb"])
+            rows.append(("dataset upload", f"jsonl {big['size_mb']:.0f} MB: check / whole upload",
+                         f"{big['wall_s']:.2f} / {big['upload_wall_s']:.2f} s", "(recorded)", ""))
+            s = r["summary"].get("jsonl")
+            if s:
+                rows.append(("", "added peak memory per million rows (jsonl)", f"{s['mb_per_million_rows']:.1f} MB",
+                             f"<= {r['budget_mb_per_million_rows']:.0f} MB", "OK" if r["ok"] else "OVER BUDGET"))
+
+    if opts.only in (None, "history"):
+        since = time.time()
+        code, times["history"] = run("bench_history.py", ["--runs", "20000", "--repeats", "10"] if opts.quick else [])
+        r = load("history", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_history.py (exit {code})")
+        else:
+            for backend, results in r["results"].items():
+                worst = max(results, key=lambda x: x["p95_ms"])
+                rows.append(("history" if backend == "sqlite" else "",
+                             f"{backend}, {r['params']['runs']:,} runs: worst query p95 ({worst['query']})",
+                             f"{worst['p95_ms']:.1f} ms", f"<= {r['budget_p95_ms']:.0f} ms",
+                             "OK" if worst["p95_ms"] <= r["budget_p95_ms"] else "OVER BUDGET"))
 
     print()
     print(f"== summary ({time.strftime('%Y-%m-%d %H:%M')}, {C.machine()['cpus']} CPUs) ==")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from functools import lru_cache
@@ -93,12 +94,28 @@ def type_problems(args: dict[str, Any]) -> dict[str, str]:
 
 
 def coerce_types(args: dict[str, Any]) -> dict[str, Any]:
-    """Whole-number floats in int fields become ints (sliders send 8.0 for 8)."""
+    """Whole-number floats in int fields become ints (sliders send 8.0 for 8), and numbers written
+    as text become numbers: YAML 1.1 reads ``5e-4`` (no dot) as a string, which the trainer would
+    only reject at run time."""
     fields = train_fields()
     out = {}
     for key, value in args.items():
         tp, _ = _strip_optional(fields.get(key, Any))
         if tp is int and isinstance(value, float) and value.is_integer():
             value = int(value)
+        elif tp in (int, float) and isinstance(value, str):
+            value = _number(value, tp)
         out[key] = value
     return out
+
+
+def _number(text: str, tp: type) -> Any:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text  # left for the type check to name
+    if not math.isfinite(number):
+        return text
+    if tp is int:
+        return int(number) if number.is_integer() else text
+    return number

@@ -162,7 +162,7 @@ def yaml_to_args(text: str | bytes) -> dict[str, Any]:
     bad = [str(k) for k in data if not isinstance(k, str)]
     if bad:
         raise YamlError(f"keys must be text: {', '.join(bad)}")
-    return data
+    return coerce_types(data)  # e.g. learning_rate: 5e-4, which YAML 1.1 reads as text
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ PORTAL_LABELS = {
     "dataset_dir": {"label": "Data folder", "info": "Your datasets and the shared ones (set by the portal)."},
 }
 
+MODEL_PATH_INFO = LOCALES["model_path"]["en"]["info"]  # the model path's info text when no catalog note applies
+
 _BUILD_LOCK = threading.Lock()  # the swaps below are module-wide while the components are built
 
 
@@ -61,6 +63,8 @@ class FormBackend(Protocol):
 
     def user_of(self, request: gr.Request) -> str: ...  # the signed-in user's name; raises gr.Error when none
     def model_choices(self, user: str) -> dict[str, str]: ...  # name -> path
+    # optional: a catalog model's {"template": ..., "note": ...} (None when the name has no entry)
+    def model_info(self, user: str, model_name: str) -> dict[str, Any] | None: ...
     def dataset_choices(self, user: str, ranking: bool) -> list[str]: ...
     def dataset_preview(self, user: str, dataset: str) -> list[Any]: ...
     def checkpoint_choices(self, user: str, model_name: str, finetuning_type: str) -> list[str]: ...
@@ -145,11 +149,28 @@ class _FormBinder:
         self.form: TrainForm | None = None
 
     # ---- helpers swapped into LLaMA Board's modules while it builds ------------------------
+    def _catalog_info(self, user: str, model_name: str) -> dict[str, Any]:
+        lookup = getattr(self.backend, "model_info", None)
+        return (lookup(user, model_name) if lookup else None) or {}
+
     def get_model_info(self, model_name: str, request: gr.Request):
-        models = self.backend.model_choices(self.backend.user_of(request))
+        """Model path for the chosen model (on every change, a loaded form's too). A catalog model
+        keeps the template here, so a loaded form keeps its own; :meth:`catalog_template` sets the
+        entry's template when the user picks the model. The entry's license and GPU memory hints
+        go in the model path's info text."""
+        user = self.backend.user_of(request)
+        models = self.backend.model_choices(user)
         if model_name in models:
-            return models[model_name], gr.update()  # a catalog model keeps the template chosen
-        return lf_common.get_model_path(model_name) if model_name and model_name != "Custom" else "", lf_common.get_template(model_name)
+            note = self._catalog_info(user, model_name).get("note")
+            return gr.update(value=models[model_name], info=note or MODEL_PATH_INFO), gr.update()
+        path = lf_common.get_model_path(model_name) if model_name and model_name != "Custom" else ""
+        return gr.update(value=path, info=MODEL_PATH_INFO), lf_common.get_template(model_name)
+
+    def catalog_template(self, model_name: str, request: gr.Request):
+        """The catalog entry's template when the user picks its model (an ``input`` event, never
+        fired by loading a form); the template chosen stays when the entry names none."""
+        template = self._catalog_info(self.backend.user_of(request), model_name).get("template")
+        return gr.update(value=template) if template else gr.update()
 
     def list_checkpoints(self, model_name: str, finetuning_type: str, request: gr.Request):
         choices = self.backend.checkpoint_choices(self.backend.user_of(request), model_name or "", finetuning_type)
@@ -262,7 +283,9 @@ class _FormBinder:
         with _BUILD_LOCK, ExitStack() as stack:
             for module, name, replacement in swaps:
                 stack.enter_context(mock.patch.object(module, name, replacement))
-            self.manager.add_elems("top", create_top())
+            top = create_top()
+            top["model_name"].input(self.catalog_template, [top["model_name"]], [top["template"]], queue=False)
+            self.manager.add_elems("top", top)
             self.manager.add_elems("train", create_train_tab(engine))
         elems = dict(self.manager._id_to_elem)
         _apply_labels(elems)

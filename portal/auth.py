@@ -149,7 +149,8 @@ async def _session_hash_of(request: Request) -> str | None:
     value = request.query_params.get("session_hash")
     if value is None and "/heartbeat/" in path:
         value = path.rsplit("/heartbeat/", 1)[1].split("/")[0]
-    if value is None and request.method == "POST" and "json" in request.headers.get("content-type", ""):
+    # any body FastAPI would parse as JSON (it ignores the content type's case)
+    if value is None and request.method == "POST" and "json" in request.headers.get("content-type", "").lower():
         try:
             body = json.loads(await request.body() or b"{}")
         except ValueError:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
+from .config import CatalogModel, Settings
 from .storage import PathNotAllowed, UserSpace, resolve_inside
 
 DATASET_INFO = "dataset_info.json"
@@ -24,13 +24,29 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+class CatalogError(ValueError):
+    """The admin's model catalog (``models:`` in the settings) has an entry the portal cannot use."""
+
+
 class Catalog:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.check_models()
 
     # ---- models --------------------------------------------------------------------------
-    def models(self) -> dict[str, str]:
-        """Catalog model name -> folder: every model folder under the shared models root."""
+    def check_models(self) -> None:
+        """Checks what Settings cannot (it does not import LLaMA-Factory): every template is known."""
+        from llamaboard_ext.templates import known_templates
+
+        templates = known_templates()
+        for entry in self.settings.models:
+            if entry.template is not None and entry.template not in templates:
+                close = sorted(t for t in templates if t.startswith(entry.template[:3]))[:8]
+                hint = f" (similar: {', '.join(close)})" if close else ""
+                raise CatalogError(f"models entry '{entry.name}': template '{entry.template}' is not a "
+                                   f"LLaMA-Factory template{hint}")
+
+    def _discovered(self) -> dict[str, str]:
         root = self.settings.shared_models_root
         found: dict[str, str] = {}
         if root.is_dir():
@@ -38,6 +54,32 @@ class Catalog:
                 if (child / "config.json").is_file():
                     found[child.name] = str(child)
         return found
+
+    def models(self) -> dict[str, str]:
+        """Model name -> folder or hub id, for the form: the configured entries first, then every
+        model folder under the shared models root that no entry names (under its folder name)."""
+        found = {entry.name: entry.source for entry in self.settings.models}
+        configured = {os.path.realpath(e.path) for e in self.settings.models if e.path is not None}
+        for name, folder in self._discovered().items():
+            if name not in found and os.path.realpath(folder) not in configured:
+                found[name] = folder
+        return found
+
+    def model_entry(self, name_or_path: str | os.PathLike | None) -> CatalogModel | None:
+        """The configured entry with this name, folder (compared resolved) or hub id; None when none.
+        Folders found under the shared models root without an entry have none."""
+        if not name_or_path:
+            return None
+        value = str(name_or_path).strip()
+        for entry in self.settings.models:
+            if value in (entry.name, entry.hub_id):
+                return entry
+        if os.path.isabs(value):
+            real = os.path.realpath(value)
+            for entry in self.settings.models:
+                if entry.path is not None and os.path.realpath(entry.path) == real:
+                    return entry
+        return None
 
     # ---- datasets ------------------------------------------------------------------------
     def shared_datasets(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """llamaboard-portal: serve the portal, make the demo, validate and submit configs, follow runs.
 
 Exit codes: 0 ok (for `submit --wait`: the run succeeded), 1 invalid config / failed run,
-2 usage errors, 3 config rejected by the portal's rules (submit only).
+2 usage errors, 3 config rejected by the portal's rules (submit, clone).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _run_dict(services, run) -> dict[str, Any]:
         "exit_code": run.exit_code, "mlflow_run_id": run.mlflow_run_id, "final_loss": run.final_loss,
         "model": run.model_name_or_path, "datasets": run.datasets, "stage": run.stage,
         "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "config_sha256": run.config_sha256,
-        "mlflow_url": services.runs.mlflow_url(run),
+        "mlflow_url": services.runs.mlflow_url(run), "parent_id": run.parent_id, "note": run.note,
+        "tags": [t for t in run.tags.split(",") if t], "dataset_fingerprints": json.loads(run.dataset_fingerprints or "[]"),
     }
 
 
@@ -197,8 +198,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    services = _services(args)
-    runs = services.runs.list_runs(_local_user(services))
+    from .run_query import RunQuery
+
+    services = _services(args)  # the MLflow links need the tracking server
+    query = RunQuery(status=args.status, model=args.model, dataset=args.dataset, stage=args.stage, method=args.method,
+                     owner=args.owner, search=args.search, sort=args.sort, limit=args.limit, offset=args.offset)
+    try:
+        runs, total = services.runs.search_runs(_local_user(services), query)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps([_run_dict(services, r) for r in runs], indent=2))
         return EXIT_OK
@@ -207,6 +216,58 @@ def cmd_runs(args: argparse.Namespace) -> int:
         loss = "" if r.final_loss is None else f"{r.final_loss:.4f}"
         created = r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else ""
         print(f"{r.id:>5}  {r.status.value:<10} {r.owner:<12} {created:<19}  {loss:>8}  {r.name}")
+    if total > len(runs):
+        print(f"({len(runs)} of {total}; --offset {args.offset + len(runs)} for more)")
+    return EXIT_OK
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    from llamaboard_ext.compile import YamlError, yaml_to_args
+
+    from .runs import ConfigRejected, NotFound, PortalError
+
+    services = _services(args)
+    user = _local_user(services)
+    changes = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            print(f"error: --set {item}: write KEY=VALUE (VALUE in YAML, e.g. learning_rate=5e-5)", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            changes.update(yaml_to_args(f"{key.strip()}: {value}"))
+        except YamlError as err:
+            print(f"error: --set {item}: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        run = services.runs.clone(user, _run_id(args.run), args.name, changes)
+    except ConfigRejected as err:
+        for key, problem in err.problems.items():
+            print(f"{key}: {problem}", file=sys.stderr)
+        return EXIT_REJECTED
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.wait:
+        run = services.runs.wait(user, run.id, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_run_dict(services, run), indent=2))
+    else:
+        print(f"run {run.id} ({run.name}) {run.status.value}, cloned from run {run.parent_id}")
+    return EXIT_OK if not args.wait or run.status.value == "succeeded" else EXIT_FAILED
+
+
+def cmd_note(args: argparse.Namespace) -> int:
+    from .runs import NotFound, PortalError
+
+    services = _services(args, tracking=False)
+    tags = [t for t in args.tags.split(",")] if args.tags is not None else None
+    try:
+        run = services.runs.annotate(_local_user(services), _run_id(args.run), note=args.note, tags=tags)
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"run {run.id}: note {run.note!r}, tags {run.tags!r}")
     return EXIT_OK
 
 
@@ -272,6 +333,132 @@ def cmd_users(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pairs(text: str | None, what: str) -> dict[str, str | None]:
+    """'prompt=question,response=answer,query=' -> {'prompt': 'question', 'response': 'answer', 'query': None}"""
+    out: dict[str, str | None] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{what}: '{item}' is not KEY=VALUE (an empty VALUE removes a default column)")
+        out[key.strip()] = value.strip() or None
+    return out
+
+
+def dataset_spec_for(path: Path, formatting: str, columns: str | None, tags: str | None):
+    """The file's own shape where it matches the format asked for, then the overrides given."""
+    from dataclasses import replace
+
+    from .dataset_checks import DatasetSpec, guess_spec_for_file
+
+    guessed = guess_spec_for_file(path)
+    spec = guessed if guessed is not None and guessed.formatting == formatting else DatasetSpec(formatting)
+    return replace(spec, columns={**spec.columns, **_pairs(columns, "--columns")},
+                   tags={**spec.tags, **_pairs(tags, "--tags")})
+
+
+def _print_problems(report, name: str) -> None:
+    for problem in report.problems:
+        level = "error" if problem.blocking else "warning"
+        print(f"{name}: {level}: {problem.kind}: {problem.message}", file=sys.stderr)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .datasets import DatasetRejected
+
+    if args.action == "add" and not Path(args.file).is_file():
+        print(f"error: {args.file}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    services = _services(args, tracking=False)
+    user = _local_user(services)
+    datasets = services.datasets
+    try:
+        if args.action == "list":
+            items = datasets.list(user)
+            if args.json:
+                print(json.dumps([d.as_dict() for d in items], indent=2))
+            else:
+                print(f"{'NAME':<32} {'VER':>4} {'ROWS':>9}  {'SHA256':<12}  {'FORMAT':<9} WHERE")
+                for d in items:
+                    print(f"{d.name:<32} {d.version or '':>4} {d.rows if d.rows is not None else '':>9}  "
+                          f"{(d.sha256 or '')[:12]:<12}  {d.formatting:<9} {'shared' if d.shared else 'mine'}")
+            return EXIT_OK
+        if args.action == "add":
+            path = Path(args.file)
+            spec = dataset_spec_for(path, args.format, args.columns, args.tags)
+            try:
+                version, report = datasets.add(user, path, args.name, spec, source_name=path.name,
+                                               cutoff_len=args.cutoff_len)
+            except DatasetRejected as err:
+                if err.report is not None:
+                    _print_problems(err.report, args.file)
+                else:
+                    print(f"{args.file}: error: {err}", file=sys.stderr)
+                return EXIT_FAILED
+            _print_problems(report, args.file)  # warnings only: it was saved
+            print(f"{version.name} v{version.version}: {version.rows} rows, sha256 {version.sha256}")
+            return EXIT_OK
+        if args.action == "rename":
+            datasets.rename(user, args.name, args.new_name)
+            print(f"{args.name} -> {args.new_name}")
+            return EXIT_OK
+        removed = datasets.delete(user, args.name)
+        print(f"{args.name}: deleted ({len(removed)} file(s) removed; files used by runs are kept)")
+        return EXIT_OK
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The model catalog: list the entries, download a hub entry to the shared volume, verify it."""
+    from .model_download import (
+        DownloadError,
+        catalog_entry,
+        download_model,
+        hub_entry,
+        model_rows,
+        target_for,
+        verify_model,
+    )
+
+    settings = _settings(args)
+    try:
+        if args.action == "list":
+            rows = model_rows(settings)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(f"{'NAME':<32} {'SOURCE':<40} {'TEMPLATE':<12} {'DOWNLOADED':<10} LICENSE")
+                for r in rows:
+                    print(f"{r['name']:<32} {r['hub_id'] or r['path']:<40} {r['template'] or '':<12} "
+                          f"{'yes' if r['downloaded'] else 'no':<10} {r['license'] or ''}")
+            return EXIT_OK
+        if args.action == "download":
+            entry = hub_entry(settings, args.name)
+            settings.ensure_dirs()
+            manifest = download_model(entry, target_for(settings, entry), revision=args.revision,
+                                      progress=lambda line: print(line, flush=True))
+            print(f"{args.name}: {manifest.repo}@{manifest.commit} in {manifest.target} "
+                  f"(checksums in {manifest.target}/checksums.sha256)")
+            return EXIT_OK
+        entry = catalog_entry(settings, args.name)  # verify
+        folder = entry.path if entry.path is not None else target_for(settings, entry)
+        bad = verify_model(folder)
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    for rel in bad:
+        print(f"{rel}: FAILED")
+    if bad:
+        print(f"error: {args.name}: {len(bad)} file(s) differ from {folder}/checksums.sha256 or are missing",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.name}: all files match {folder}/checksums.sha256")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaboard-portal", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -300,9 +487,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run as JSON")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("runs", parents=[common], help="list runs")
+    p = sub.add_parser("runs", parents=[common], help="list runs: filters, search, sort and paging")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--status", action="append", help="queued, starting, running, succeeded, failed, cancelled (repeatable)")
+    p.add_argument("--model", help="part of the base model's path or hub id")
+    p.add_argument("--dataset", help="part of a dataset name")
+    p.add_argument("--stage", help="sft, pt, rm, ppo, dpo, kto")
+    p.add_argument("--method", help="lora, full, freeze, oft")
+    p.add_argument("--owner", help="one user's runs (admins)")
+    p.add_argument("--search", help="part of the name, note or tags")
+    p.add_argument("--sort", default="newest", help="newest, oldest, loss, name")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("clone", parents=[common], help="run a run's config again (same dataset versions), with changes")
+    p.add_argument("run")
+    p.add_argument("--name", required=True, help="the new run's name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change one key, e.g. learning_rate=5e-5")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_clone)
+
+    p = sub.add_parser("note", parents=[common], help="set a run's note and tags")
+    p.add_argument("run")
+    p.add_argument("--note")
+    p.add_argument("--tags", help="comma separated; empty clears them")
+    p.set_defaults(func=cmd_note)
 
     p = sub.add_parser("logs", parents=[common], help="print the end of a run's log")
     p.add_argument("run", metavar="RUN")
@@ -313,11 +525,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_cancel)
 
+    p = sub.add_parser("datasets", parents=[common], help="add, list, rename or delete your datasets")
+    dsub = p.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("add", parents=[common], help="check a file and save it as a dataset (exit 1 when a check fails)")
+    d.add_argument("file", help="a .json, .jsonl, .csv or .parquet file")
+    d.add_argument("--name", required=True, help="the dataset's name (a new upload under a taken name is a new version)")
+    d.add_argument("--format", choices=["alpaca", "sharegpt"], default="alpaca")
+    d.add_argument("--columns", help="column names, e.g. prompt=question,response=answer,query= (empty: none)")
+    d.add_argument("--tags", help="sharegpt tags, e.g. role_tag=role,content_tag=content,user_tag=user")
+    d.add_argument("--cutoff-len", type=int, help="warn about rows longer than this many tokens (estimated)")
+    d.set_defaults(func=cmd_datasets)
+    d = dsub.add_parser("list", parents=[common], help="your datasets and the shared ones")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_datasets)
+    d = dsub.add_parser("rename", parents=[common], help="rename one of your datasets")
+    d.add_argument("name")
+    d.add_argument("new_name")
+    d.set_defaults(func=cmd_datasets)
+    d = dsub.add_parser("delete", parents=[common], help="delete one of your datasets (files a run used are kept)")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_datasets)
+
     p = sub.add_parser("users", parents=[common], help="list users; deactivate (ends their sessions) or activate one")
     p.add_argument("action", choices=["list", "deactivate", "activate"])
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_users)
+
+    p = sub.add_parser("models", parents=[common],
+                       help="the model catalog: list, download to the shared volume, verify")
+    msub = p.add_subparsers(dest="action", required=True)
+    m = msub.add_parser("list", parents=[common], help="catalog entries and whether their files are there")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    m = msub.add_parser("download", parents=[common],
+                        help="download a hub_id entry to <data root>/shared/models/NAME with checksums "
+                             "(HF_ENDPOINT, HF_TOKEN from the environment)")
+    m.add_argument("name", metavar="NAME")
+    m.add_argument("--revision", help="branch, tag or commit (default: the repository's default branch)")
+    m.set_defaults(func=cmd_models)
+    m = msub.add_parser("verify", parents=[common], help="re-hash a downloaded model (exit 1 listing bad files)")
+    m.add_argument("name", metavar="NAME")
+    m.set_defaults(func=cmd_models)
     return parser
 
 

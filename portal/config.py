@@ -7,6 +7,7 @@ the YAML file named by ``PORTAL_CONFIG_FILE``, the defaults below.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from functools import cached_property
@@ -14,11 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret"})
+CATALOG_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # org/name
+# Keys of gpu_memory_gb: LLaMA-Factory's fine-tuning methods, plus qlora (lora on a 4/8-bit model).
+GPU_HINT_METHODS = ("lora", "qlora", "full", "freeze", "oft")
 
 
 def default_data_root() -> Path:
@@ -45,6 +49,83 @@ class _YamlFileSource(PydanticBaseSettingsSource):
             raise ValueError(f"{path}: {', '.join(secrets_in_file)} must not be in the config file (it ends up in Git "
                              "and ConfigMaps): set PORTAL_OIDC_CLIENT_SECRET(_FILE) / PORTAL_SESSION_SECRET instead")
         return data
+
+
+class CatalogModel(BaseModel):
+    """One base model the admin offers in the form (``models:`` in the config file, or PORTAL_MODELS).
+
+    The template name is checked against LLaMA-Factory's templates by ``portal.catalog.Catalog``
+    (this module does not import LLaMA-Factory).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)  # shown in the form's model list
+    path: Path | None = None  # a pre-downloaded folder; relative: under the shared models root
+    hub_id: str | None = None  # org/name, fetched by the job (through HF_ENDPOINT when set)
+    template: str | None = None  # LLaMA-Factory chat template the form picks with the model
+    license: str | None = None  # a note shown to users
+    gpu_memory_gb: dict[str, float] = Field(default_factory=dict)  # method -> GB hint, e.g. {lora: 18}
+    trust_remote_code: bool = False  # the admin approved the model's own code
+
+    @staticmethod
+    def _label(info: ValidationInfo) -> str:
+        name = info.data.get("name")
+        return f"models entry '{name}'" if name else "models entry"
+
+    @field_validator("name")
+    @classmethod
+    def _name_stripped(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("models entry: name must not be blank")
+        return value.strip()
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (not CATALOG_HUB_ID.match(value) or ".." in value):
+            raise ValueError(f"{cls._label(info)}: hub_id '{value}' is not a Hugging Face id of the form org/name")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{cls._label(info)}: template must not be blank (leave it out instead)")
+        return value
+
+    @field_validator("gpu_memory_gb")
+    @classmethod
+    def _gpu_hints(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        unknown = sorted(k for k in value if k not in GPU_HINT_METHODS)
+        if unknown:
+            raise ValueError(f"{cls._label(info)}: gpu_memory_gb has unknown method(s) {', '.join(unknown)} "
+                             f"(use {', '.join(GPU_HINT_METHODS)})")
+        if any(v <= 0 for v in value.values()):
+            raise ValueError(f"{cls._label(info)}: gpu_memory_gb values must be positive numbers of GB")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CatalogModel":
+        if (self.path is None) == (self.hub_id is None):
+            got = "both" if self.path is not None else "neither"
+            raise ValueError(f"models entry '{self.name}': set exactly one of path or hub_id (got {got})")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What goes in model_name_or_path: the folder or the hub id."""
+        return str(self.path) if self.path is not None else str(self.hub_id)
+
+    def note(self) -> str:
+        """The license note and GPU memory hints, as one line for the form."""
+        parts = []
+        if self.license:
+            parts.append(f"License: {self.license}")
+        if self.gpu_memory_gb:
+            hints = ", ".join(f"{method} ~{gb:g} GB" for method, gb in self.gpu_memory_gb.items())
+            parts.append(f"GPU memory: {hints}")
+        return " · ".join(parts)
 
 
 class Settings(BaseSettings):
@@ -87,12 +168,17 @@ class Settings(BaseSettings):
     metrics_refresh_seconds: float = Field(default=2.0, gt=0)
 
     allow_hub_models: bool = True
+    # The base models offered in the form (see CatalogModel); folders under the shared models root
+    # that no entry names are offered too, under their folder name.
+    models: list[CatalogModel] = Field(default_factory=list)
     # The config-key policy on top of the built-in one (portal/policy.py FORBIDDEN_KEYS):
     # more keys to refuse, each with what to do instead, and built-in refusals to lift.
     # Keys carrying credentials can never be lifted.
     policy_forbidden_keys: dict[str, str] = Field(default_factory=dict)
     policy_allowed_keys: list[str] = Field(default_factory=list)
     job_cpus: int | None = None  # preprocessing workers per job; None: the machine's cores / concurrency
+    max_upload_mb: int = Field(default=512, ge=1)  # dataset uploads (browser and CLI); Gradio refuses larger ones
+    max_dataset_rows: int | None = Field(default=2_000_000, ge=1)  # rows per dataset file; None: no limit
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -119,6 +205,30 @@ class Settings(BaseSettings):
             raise ValueError(f"policy_allowed_keys may not lift {', '.join(refused)}: credentials never go in a "
                              "training config (the portal gives jobs their credentials itself)")
         return value
+
+    @model_validator(mode="after")
+    def _catalog_consistent(self) -> "Settings":
+        names: set[str] = set()
+        sources: dict[str, str] = {}
+        fixed = []
+        for entry in self.models:
+            if entry.name in names:
+                raise ValueError(f"models entry '{entry.name}': name is used by more than one entry; names must be unique")
+            names.add(entry.name)
+            if entry.path is not None:  # normalised; a relative path is under the shared models root
+                entry = entry.model_copy(update={"path": Path(os.path.normpath(self.shared_models_root / entry.path))})
+            field = "path" if entry.path is not None else "hub_id"
+            if entry.source in sources:
+                raise ValueError(f"models entry '{entry.name}': {field} {entry.source} is already the model of entry "
+                                 f"'{sources[entry.source]}'; give each model one entry")
+            sources[entry.source] = entry.name
+            fixed.append(entry)
+        for entry in fixed:  # a name that is another entry's hub id or folder would be ambiguous
+            if sources.get(entry.name, entry.name) != entry.name:
+                raise ValueError(f"models entry '{entry.name}': name is the model (hub_id or path) of entry "
+                                 f"'{sources[entry.name]}'; choose another name")
+        self.models = fixed
+        return self
 
     def oidc_secret(self) -> str:
         if self.oidc_client_secret is not None:

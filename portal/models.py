@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
+from sqlalchemy import BigInteger, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -49,6 +50,8 @@ class User(SQLModel, table=True):
 
 class Run(SQLModel, table=True):
     __tablename__ = "runs"
+    # "my runs, newest first" is the history's main query: one index serves it at 100,000 runs
+    __table_args__ = (Index("ix_runs_owner_created", "owner_id", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=128)
@@ -76,6 +79,34 @@ class Run(SQLModel, table=True):
     exit_code: int | None = None
     final_loss: float | None = None
     cancel_requested: bool = False
+    # JSON list: for each dataset the run used, its name, version, sha256, rows and file
+    dataset_fingerprints: str = "[]"
+    parent_id: int | None = Field(default=None, index=True)  # the run this one was cloned from
+    note: str = ""  # free text by the owner, searched with the name
+    tags: str = ""  # comma separated, by the owner
+
+
+class DatasetVersion(SQLModel, table=True):
+    """One uploaded version of a user's dataset. Files are stored by content (sha256), so a new
+    upload under the same name never changes what an earlier run trained on."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("owner_id", "name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int = Field(foreign_key="users.id", index=True)
+    owner: str = Field(max_length=64)
+    name: str = Field(index=True, max_length=100)
+    version: int
+    sha256: str = Field(index=True, max_length=64)
+    rows: int
+    size_bytes: int = Field(sa_type=BigInteger)
+    file_type: str = Field(max_length=16)
+    file_name: str  # relative to the owner's datasets folder
+    source_name: str | None = None  # the uploaded file's own name
+    info_entry: str = "{}"  # JSON: the dataset_info.json entry (formatting, columns, tags)
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
 
 
 class AuditEvent(SQLModel, table=True):

@@ -2,7 +2,8 @@
 
 Applied to every config, from the form, a file or the API, before validation and launch:
 paths are rewritten into (or checked against) the user's space, secrets and hub pushes are
-refused, tracking goes to MLflow, and ``trust_remote_code`` stays off.
+refused, tracking goes to MLflow, and ``trust_remote_code`` is on only for a catalog model whose
+entry an admin marked ``trust_remote_code: true`` (off for everything else).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FORBIDDEN_KEYS: dict[str, str] = {
     "export_hub_model_id": "runs do not push to a hub; export the run instead",
     "hub_always_push": "runs do not push to a hub; export the run instead",
     "swanlab_lark_webhook_url": "runs do not call outside services; remove it",
+    "swanlab_lark_secret": "secrets never go in a config; runs do not call outside services",
     "ms_hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
     "om_hub_token": "tokens never go in a config; the portal passes credentials to jobs itself",
     "swanlab_api_key": "API keys never go in a config",
@@ -37,7 +39,7 @@ FORBIDDEN_KEYS: dict[str, str] = {
 }
 # Keys that carry credentials: refused whatever the configured policy says.
 CREDENTIAL_KEYS = frozenset({"hub_token", "hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key",
-                             "swanlab_lark_webhook_url"})
+                             "swanlab_lark_webhook_url", "swanlab_lark_secret"})
 
 
 def forbidden_keys(settings: Settings) -> dict[str, str]:
@@ -56,6 +58,8 @@ PATH_KEYS = ("tokenized_path", "media_dir", "resume_from_checkpoint", "export_di
              "kt_expert_checkpoint_path", "profiler_output_dir", "swanlab_logdir", "new_special_tokens_config",
              "generation_config", "fsdp_config", "accelerator_config", "liger_kernel_config", "adapter_folder",
              "offload_folder", "export_quantization_dataset")
+# Of those, the folders a job writes into: only inside the user's own space.
+WRITE_KEYS = frozenset({"tokenized_path", "export_dir", "offload_folder", "profiler_output_dir", "swanlab_logdir"})
 DEEPSPEED_FILES = re.compile(r"^ds_z[23](_offload)?_config\.json$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPORT_OK = {None, "", "none", "mlflow"}
@@ -75,7 +79,10 @@ def _parts(value: Any) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def _model_problem(key: str, value: str, roots: list[Path], allow_hub: bool) -> str | None:
+def _model_problem(key: str, value: str, roots: list[Path], allow_hub: bool, catalog: Catalog) -> str | None:
+    entry = catalog.model_entry(value)
+    if entry is not None and value == entry.source:
+        return None  # the folder or hub id of an admin's catalog entry: approved, wherever it is
     if os.path.isabs(value):
         try:
             resolve_inside(value, roots, key)
@@ -85,6 +92,45 @@ def _model_problem(key: str, value: str, roots: list[Path], allow_hub: bool) -> 
     if HUB_ID.match(value) and ".." not in value:
         return None if allow_hub else f"hub models are not allowed here: pick a catalog model instead of '{value}'"
     return f"'{value}' is neither a folder in your space or the catalog nor a hub id (org/name): pick one from the list"
+
+
+# Keys naming a full model that LLaMA-Factory loads with the main model's trust_remote_code.
+REMOTE_CODE_MODEL_KEYS = ("ref_model", "reward_model")
+REMOTE_CODE_REFUSED = "not allowed: only catalog models an admin approved may run their own code"
+
+
+def _asked(value: Any) -> bool:
+    return bool(value) and str(value).strip().lower() not in ("false", "0", "none", "no")
+
+
+def _remote_code(out: dict[str, Any], catalog: Catalog) -> tuple[bool, dict[str, str]]:
+    """Whether the run gets ``trust_remote_code: true``, and the problems when it may not."""
+    model = out.get("model_name_or_path")
+    entry = catalog.model_entry(model) if isinstance(model, str) else None
+    approved = entry is not None and entry.trust_remote_code and model == entry.source
+    problems: dict[str, str] = {}
+    if _asked(out.get("trust_remote_code")) and not approved:
+        if entry is None:
+            problems["trust_remote_code"] = (f"{REMOTE_CODE_REFUSED}, and '{model}' is not a catalog model: "
+                                             "remove trust_remote_code or pick an approved catalog model")
+        else:
+            problems["trust_remote_code"] = (f"{REMOTE_CODE_REFUSED}, and catalog model '{entry.name}' is not "
+                                             "approved for it: remove trust_remote_code or ask an admin")
+    if not approved:
+        return False, problems
+    for key in REMOTE_CODE_MODEL_KEYS:
+        if key == "reward_model" and out.get("reward_model_type", "lora") != "full":
+            continue  # a LoRA reward adapter or a reward API loads no model code
+        for part in _parts(out.get(key)):
+            other = catalog.model_entry(part)
+            if other is None or not other.trust_remote_code or part != other.source:
+                problems[key] = (f"{key} '{part}' would run with trust_remote_code on (approved for catalog model "
+                                 f"'{entry.name}' only): pick a catalog model approved for its own code, or leave it out")
+                break
+    if out.get("model_revision") not in (None, "", "main"):
+        problems["model_revision"] = (f"catalog model '{entry.name}' runs its own code as approved by an admin (the "
+                                      "main revision): remove model_revision")
+    return True, problems
 
 
 def deepspeed_dir(settings: Settings) -> Path:
@@ -107,15 +153,21 @@ def apply_policy(
         if out.get(key) in (None, False, "", "none"):
             out.pop(key, None)
 
-    if out.get("trust_remote_code"):
-        problems["trust_remote_code"] = (
-            "not allowed: model folders may not run their own code here; remove trust_remote_code"
-        )
-    out["trust_remote_code"] = False
+    # A catalog model named by its name, or by another path to its folder (a link in the user's
+    # space, which could be re-pointed before the job starts): the job gets the entry's own folder or hub id.
+    for key in ("model_name_or_path", "ref_model", "reward_model"):
+        value = out.get(key)
+        entry = catalog.model_entry(value) if isinstance(value, str) else None
+        if entry is not None and value != entry.source:
+            out[key] = entry.source
+            notes.append(f"{key}: catalog model '{entry.name}' is {entry.source}")
+
+    out["trust_remote_code"], remote_code_problems = _remote_code(out, catalog)
+    problems.update(remote_code_problems)
 
     for key in MODEL_KEYS:
         for part in _parts(out.get(key)):
-            problem = _model_problem(key, part, roots, settings.allow_hub_models)
+            problem = _model_problem(key, part, roots, settings.allow_hub_models, catalog)
             if problem:
                 problems[key] = problem
                 break
@@ -126,7 +178,8 @@ def apply_policy(
             continue  # inline JSON configs name no file
         for part in _parts(value):
             try:
-                resolve_inside(part, roots, key)
+                # folders a job writes to stay in the user's space: shared/ is read-only for users
+                resolve_inside(part, [space.root] if key in WRITE_KEYS else roots, key)
             except PathNotAllowed as err:
                 problems[key] = str(err)
                 break

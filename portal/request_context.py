@@ -9,3 +9,6 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 client_address: ContextVar[str | None] = ContextVar("client_address", default=None)
+# the browser page (Gradio's session_hash) a handler call comes from: a clone loaded into one
+# page's form is recorded as the parent of what that page submits, not of another page's runs
+page_session: ContextVar[str | None] = ContextVar("page_session", default=None)

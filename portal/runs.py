@@ -15,7 +15,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ from llamaboard_ext.validate import validate_args
 from . import __version__
 from .catalog import Catalog
 from .config import Settings
+from .datasets import DatasetService, write_pinned_info
 from .db import Database
 from .launchers import JobSpec, Launcher, LaunchError
 from .models import AuditEvent, Run, RunStatus, User, utcnow
 from .policy import apply_policy
 from .request_context import client_address
+from .run_query import RunQuery, count_statement, page_statement
 from .storage import UserSpace, check_name
 from .tracking import MetricPoint, MetricsCache, Tracker
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (RunStatus.starting, RunStatus.running)
 CONFIG_FILE = "config.yaml"
+PINNED_DATASETS_DIR = "datasets"  # <run dir>/datasets/dataset_info.json: the dataset versions the run uses
 LOG_FILE = "job.log"
 
 
@@ -59,6 +62,18 @@ class ConfigRejected(PortalError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in problems.items()))
 
 
+MAX_COMPARE = 5
+# config keys that differ between any two runs by construction: not shown in a comparison
+PER_RUN_KEYS = frozenset({"output_dir", "dataset_dir", "run_name"})
+
+
+@dataclass
+class Comparison:
+    runs: list[Run]
+    curves: dict[int, list[MetricPoint]]
+    differences: dict[str, list[Any]]  # config key -> one value per run, only keys whose values differ
+
+
 @dataclass
 class Prepared:
     """A config ready to run: the args after the portal's policy, and the exact YAML."""
@@ -69,12 +84,25 @@ class Prepared:
     run_dir: Path
     gpus: int
     notes: list[str]
+    datasets: dict[str, Any] = field(default_factory=dict)  # pinned dataset_info entries (absolute files)
+    fingerprints: list[dict[str, Any]] = field(default_factory=list)
 
 
 def llamafactory_cli() -> str:
     """The llamafactory-cli installed beside this Python (the portal's venv), else on PATH."""
     beside = Path(sys.executable).parent / "llamafactory-cli"
     return str(beside) if beside.is_file() else (shutil.which("llamafactory-cli") or "llamafactory-cli")
+
+
+def dataset_params(fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
+    """MLflow params naming the data of a run: which data trained this model, always answerable."""
+    params: dict[str, Any] = {}
+    for fp in fingerprints:
+        prefix = f"dataset.{fp['name']}"
+        for key in ("sha256", "version", "rows", "source"):
+            if fp.get(key) is not None:
+                params[f"{prefix}.{key}"] = fp[key]
+    return params
 
 
 def _sha256(text: str) -> str:
@@ -108,10 +136,12 @@ def _last_error_line(text: str) -> str | None:
 
 
 class RunService:
-    def __init__(self, settings: Settings, db: Database, catalog: Catalog, launcher: Launcher, tracker: Tracker):
+    def __init__(self, settings: Settings, db: Database, catalog: Catalog, launcher: Launcher, tracker: Tracker,
+                 datasets: DatasetService | None = None):
         self.settings = settings
         self.db = db
         self.catalog = catalog
+        self.datasets = datasets or DatasetService(settings, db, catalog)
         self.launcher = launcher
         self.tracker = tracker
         self.metrics_cache = MetricsCache(tracker.history, ttl_seconds=settings.metrics_refresh_seconds)
@@ -158,8 +188,10 @@ class RunService:
             return self.settings.job_cpus
         return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_runs)
 
-    def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True) -> Prepared:
-        """Policy + validation; raises ConfigRejected naming every bad key."""
+    def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True,
+                datasets_of: Run | None = None) -> Prepared:
+        """Policy + validation; raises ConfigRejected naming every bad key. ``datasets_of``: pin
+        the dataset versions that run used (a clone) instead of the newest ones."""
         space = self.space(user)
         raw_output = str(args.get("output_dir") or "")
         if not name and ".." in Path(raw_output).parts:
@@ -185,9 +217,20 @@ class RunService:
             problems.update(validate_args(lbc.clean_args(result.args)))
         if problems:
             raise ConfigRejected(problems)
+        args = dict(result.args)
+        names = [d.strip() for key in ("dataset", "eval_dataset") for d in str(args.get(key) or "").split(",")
+                 if d.strip()]
+        info = None
+        if datasets_of is not None:
+            pinned_file = Path(datasets_of.run_dir) / PINNED_DATASETS_DIR / "dataset_info.json"
+            info = json.loads(pinned_file.read_text(encoding="utf-8")) if pinned_file.is_file() else None
+        pinned, fingerprints = self.datasets.pin(space, names, info=info)
+        # the run reads its own dataset_info.json: the versions of now, whatever is uploaded later
+        args["dataset_dir"] = str(run_dir / PINNED_DATASETS_DIR)
+        args.setdefault("media_dir", str(space.datasets_dir))  # images/videos named relative to the user's data
         header = f"LLaMA Board Portal run '{name}' of {user.username}; portal {__version__}, llamafactory 0.9.5"
-        return Prepared(name=name, args=result.args, yaml=lbc.args_to_yaml(result.args, header=header), run_dir=run_dir,
-                        gpus=gpus, notes=result.notes)
+        return Prepared(name=name, args=args, yaml=lbc.args_to_yaml(args, header=header), run_dir=run_dir,
+                        gpus=gpus, notes=result.notes, datasets=pinned, fingerprints=fingerprints)
 
     def submit_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Run:
         try:
@@ -196,13 +239,17 @@ class RunService:
             raise ConfigRejected({"yaml": str(err)}) from err
         return self.submit_args(user, args, name=name, source="yaml")
 
-    def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api") -> Run:
-        prepared = self.prepare(user, args, name)
+    def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api",
+                    parent: Run | None = None, same_data: bool = False) -> Run:
+        """``parent``: the run this one was cloned from (recorded); ``same_data``: train on the
+        dataset versions the parent used."""
+        prepared = self.prepare(user, args, name, datasets_of=parent if same_data else None)
         run_dir = prepared.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError as err:
             raise ConfigRejected({"output_dir": f"a run named '{prepared.name}' already exists: choose another run name"}) from err
+        write_pinned_info(run_dir / PINNED_DATASETS_DIR, prepared.datasets)
         (run_dir / CONFIG_FILE).write_text(prepared.yaml, encoding="utf-8")
         body = lbc.args_to_yaml(prepared.args)
         sha = _sha256(body)
@@ -212,7 +259,8 @@ class RunService:
             model_name_or_path=str(prepared.args.get("model_name_or_path", "")),
             datasets=str(prepared.args.get("dataset", "")), config_yaml=prepared.yaml, config_sha256=sha,
             run_dir=str(run_dir), output_dir=str(prepared.args["output_dir"]), launcher=self.launcher.name,
-            gpus=prepared.gpus,
+            gpus=prepared.gpus, dataset_fingerprints=json.dumps(prepared.fingerprints),
+            parent_id=parent.id if parent is not None else None,
         )
         with self.db.session() as s:
             s.add(run)
@@ -222,7 +270,9 @@ class RunService:
             run.mlflow_run_id = self.tracker.create_run(prepared.name, {
                 "portal.run_id": str(run.id), "portal.owner": user.username, "portal.run_name": prepared.name,
                 "portal.config_sha256": sha, "portal.source": source, "mlflow.user": user.username,
+                **({"portal.parent_run_id": str(parent.id)} if parent is not None else {}),
             })
+            self.tracker.log_params(run.mlflow_run_id, dataset_params(prepared.fingerprints))
             self.tracker.client.log_artifact(run.mlflow_run_id, str(run_dir / CONFIG_FILE))
         except Exception as err:  # tracking down: the run is kept and reported, never launched blind
             self._set(run.id, status=RunStatus.failed, status_reason=f"MLflow is not reachable: {err}", finished_at=utcnow())
@@ -254,6 +304,66 @@ class RunService:
     def get_run(self, user: User, run_id: int, purpose: str = "view") -> Run:
         with self.db.session() as s:
             return self._owned(user, s.get(Run, run_id), run_id, purpose)
+
+    def search_runs(self, user: User, query: RunQuery) -> tuple[list[Run], int]:
+        """One page of the history (the user's runs; admins all or one owner's) and the total."""
+        query.check()
+        with self.db.session() as s:
+            total = s.exec(count_statement(query, user)).one()
+            return list(s.exec(page_statement(query, user)).all()), int(total)
+
+    def annotate(self, user: User, run_id: int, note: str | None = None, tags: list[str] | None = None) -> Run:
+        """The owner's note and tags (admins may too)."""
+        run = self.get_run(user, run_id, purpose="annotate")
+        changes: dict[str, Any] = {}
+        if note is not None:
+            if len(note) > 4000:
+                raise PortalError("the note is over 4000 characters: keep it short, link to a document instead")
+            changes["note"] = note.strip()
+        if tags is not None:
+            clean = sorted({t.strip() for t in tags if t.strip()})
+            bad = [t for t in clean if len(t) > 40 or "," in t]
+            if bad:
+                raise PortalError(f"tags must be short words without commas: {', '.join(bad)}")
+            changes["tags"] = ",".join(clean)
+        if changes:
+            self._set(run.id, **changes)
+            self.audit(user.username, "annotate", f"run:{run.id}", ", ".join(changes))
+        return self.get_run(user, run.id)
+
+    def clone(self, user: User, run_id: int, name: str, changes: dict[str, Any] | None = None) -> Run:
+        """Submit a run's config again, with ``changes``, on the same dataset versions; the new run
+        records its parent."""
+        parent = self.get_run(user, run_id, purpose="clone")
+        args = lbc.yaml_to_args(parent.config_yaml)
+        for key in ("output_dir", "dataset_dir", "media_dir", "preprocessing_num_workers", "use_cpu"):
+            args.pop(key, None)  # the portal sets these for the new run
+        args.update(changes or {})
+        return self.submit_args(user, args, name=name, source="clone", parent=parent, same_data=True)
+
+    def compare(self, user: User, run_ids: list[int]) -> Comparison:
+        """2 to 5 of the user's runs side by side: their loss curves and the config keys that differ."""
+        ids = list(dict.fromkeys(int(i) for i in run_ids))
+        if not 2 <= len(ids) <= MAX_COMPARE:
+            raise PortalError(f"choose 2 to {MAX_COMPARE} runs to compare (got {len(ids)})")
+        chosen = [self.get_run(user, run_id) for run_id in ids]
+        configs = []
+        for run in chosen:
+            try:
+                configs.append(lbc.yaml_to_args(run.config_yaml) if run.config_yaml else {})
+            except lbc.YamlError:
+                configs.append({})
+        differences: dict[str, list[Any]] = {}
+        for key in sorted(set().union(*configs) - PER_RUN_KEYS):
+            values = [config.get(key) for config in configs]
+            if any(v != values[0] for v in values[1:]):
+                differences[key] = values
+        versions = [", ".join(f"{fp['name']} v{fp.get('version') or '-'} {(fp.get('sha256') or '')[:8]}"
+                              for fp in json.loads(run.dataset_fingerprints or "[]")) for run in chosen]
+        if any(v != versions[0] for v in versions[1:]):
+            differences["(dataset versions)"] = versions
+        curves = {run.id: (self.metrics(user, run.id) if run.mlflow_run_id else []) for run in chosen}
+        return Comparison(runs=chosen, curves=curves, differences=differences)
 
     def list_runs(self, user: User, limit: int = 500) -> list[Run]:
         with self.db.session() as s:

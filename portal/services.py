@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .catalog import Catalog
 from .config import Settings
+from .datasets import DatasetService
 from .db import Database
 from .launchers import make_launcher
 from .runs import RunService
@@ -22,6 +23,7 @@ class Services:
     catalog: Catalog
     tracker: Tracker
     runs: RunService
+    datasets: DatasetService
     mlflow_server: EmbeddedMlflow | None = None
 
 
@@ -36,6 +38,7 @@ def ensure_deepspeed_configs(settings: Settings) -> None:
 
 def build_services(settings: Settings, *, start_tracking: bool = True) -> Services:
     settings.ensure_dirs()
+    catalog = Catalog(settings)  # first: a bad model catalog stops the start before anything is started
     db = Database(settings.db_url)
     db.migrate()
     ensure_deepspeed_configs(settings)
@@ -44,7 +47,8 @@ def build_services(settings: Settings, *, start_tracking: bool = True) -> Servic
         server = EmbeddedMlflow(settings.mlflow_root, settings.mlflow_port)
         server.ensure()
     tracker = Tracker(settings.tracking_uri, settings.mlflow_experiment, settings.mlflow_public_url)
-    catalog = Catalog(settings)
     launcher = make_launcher(settings.launcher, settings)
-    runs = RunService(settings, db, catalog, launcher, tracker)
-    return Services(settings=settings, db=db, catalog=catalog, tracker=tracker, runs=runs, mlflow_server=server)
+    datasets = DatasetService(settings, db, catalog)
+    runs = RunService(settings, db, catalog, launcher, tracker, datasets)
+    return Services(settings=settings, db=db, catalog=catalog, tracker=tracker, runs=runs, datasets=datasets,
+                    mlflow_server=server)

@@ -30,7 +30,8 @@ def is_loopback(host: str) -> bool:
 
 # Gradio routes the portal never uses and that Gradio 5.50 leaves open or abusable
 # (file=http... open redirect/SSRF, the proxy, monitoring, MCP, deep links to saved page states).
-REFUSED_PREFIXES = (f"{UI_PATH}/gradio_api/file=http", f"{UI_PATH}/file=http", f"{UI_PATH}/proxy=",
+REFUSED_PREFIXES = (f"{UI_PATH}/gradio_api/file=http", f"{UI_PATH}/file=http", f"{UI_PATH}/gradio_api/file/http",
+                    f"{UI_PATH}/file/http", f"{UI_PATH}/proxy=",
                     f"{UI_PATH}/gradio_api/proxy=", f"{UI_PATH}/monitoring", f"{UI_PATH}/gradio_api/mcp",
                     f"{UI_PATH}/gradio_api/upload_progress", f"{UI_PATH}/gradio_api/deep_link")
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -39,7 +40,7 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 def hostile_request(request: Request, public_url: str | None = None) -> str | None:
     """Why a request is refused before any route sees it (None: let it through)."""
     path = request.url.path
-    if path.startswith(REFUSED_PREFIXES):
+    if path.lower().startswith(REFUSED_PREFIXES):  # Gradio treats "HTTP://" as a URL too
         return "this route is disabled in the portal"
     if "deep_link" in request.query_params:  # loads a saved page state by its hash, whoever saved it
         return "deep links are disabled in the portal"
@@ -54,6 +55,17 @@ def hostile_request(request: Request, public_url: str | None = None) -> str | No
         if request.headers.get("sec-fetch-site") == "cross-site":
             return "cross-site request refused"
     return None
+
+
+def loopback_host_header(host_header: str | None) -> bool:
+    """The Host header names this machine's loopback (any port): without login the portal answers
+    nothing else, so a page on another site cannot reach it by DNS rebinding."""
+    host = (host_header or "").strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]")[0]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return is_loopback(host)
 
 
 def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
@@ -106,6 +118,8 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
     async def security_headers(request: Request, call_next):
         refusal = hostile_request(request, settings.public_url)
+        if refusal is None and settings.auth_mode == "none" and not loopback_host_header(request.headers.get("host")):
+            refusal = "without login the portal answers only on a loopback address (localhost, 127.0.0.1, ::1)"
         if refusal is not None:
             response = JSONResponse({"detail": refusal}, status_code=403)
         else:
@@ -125,6 +139,6 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     blocks = build_ui(runs, sign_out=settings.auth_mode == "oidc")
     blocks.queue(default_concurrency_limit=8)
     app = gr.mount_gradio_app(app, blocks, path=UI_PATH, auth_dependency=current_username,
-                              max_file_size="2mb", show_api=False)
+                              max_file_size=f"{settings.max_upload_mb}mb", show_api=False)
     app.state.blocks = blocks
     return app

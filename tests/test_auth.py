@@ -272,7 +272,7 @@ def test_another_users_run_is_out_of_reach_through_the_gradio_api(sso_portal):
                      json={"preferred_username": "carol", "groups": ["ml-users"]}).status_code == 204
     client = login(sso_portal["url"], "carol-sub")
     refresh = _fn_index(sso_portal["app"], "build_runs_tab.<locals>.refresh")
-    result = _gradio_call(client, refresh, [run.id])
+    result = _gradio_call(client, refresh, [run.id, "", [], "", ""])  # the run and empty filters
     text = str(result)
     assert f"run {run.id} not found" in text
     assert "alice_secret_run" not in text and "alice_private_data" not in text
@@ -386,7 +386,8 @@ def test_cross_site_requests_and_disabled_routes_are_refused(sso_portal):
     assert r.status_code == 403 and "cross-site" in r.json()["detail"]
     r = client.post("/ui/gradio_api/queue/join", headers={"sec-fetch-site": "cross-site"}, json={})
     assert r.status_code == 403
-    for path in ("/ui/gradio_api/file=http://evil.example/x", "/ui/monitoring/summary", "/ui/gradio_api/mcp/sse",
+    for path in ("/ui/gradio_api/file=http://evil.example/x", "/ui/gradio_api/file/http://evil.example/x",
+                 "/ui/gradio_api/file=HTTPS://evil.example/x", "/ui/monitoring/summary", "/ui/gradio_api/mcp/sse",
                  "/ui/gradio_api/upload_progress?upload_id=1", "/ui/gradio_api/deep_link?session_hash=x",
                  "/ui/?deep_link=abc", "/ui/config?deep_link=abc"):
         r = client.get(path, follow_redirects=False)
@@ -405,14 +406,18 @@ def test_a_gradio_session_hash_belongs_to_its_first_user(sso_portal):
     bob = login(sso_portal["url"], "bob-sub")
     alices_hash = uuid.uuid4().hex[:11]
     refresh = _fn_index(sso_portal["app"], "build_runs_tab.<locals>.refresh")
-    r = alice.post("/ui/gradio_api/queue/join", json={"data": [None], "event_data": None, "fn_index": refresh,
+    r = alice.post("/ui/gradio_api/queue/join", json={"data": [None, "", [], "", ""], "event_data": None, "fn_index": refresh,
                                                        "trigger_id": None, "session_hash": alices_hash})
     assert r.status_code == 200
     assert bob.get(f"/ui/gradio_api/queue/data?session_hash={alices_hash}").status_code == 403
     assert bob.get(f"/ui/gradio_api/heartbeat/{alices_hash}").status_code == 403
-    r = bob.post("/ui/gradio_api/queue/join", json={"data": [None], "event_data": None, "fn_index": refresh,
+    r = bob.post("/ui/gradio_api/queue/join", json={"data": [None, "", [], "", ""], "event_data": None, "fn_index": refresh,
                                                      "trigger_id": None, "session_hash": alices_hash})
     assert r.status_code == 403 and "another user" in r.json()["detail"]
+    r = bob.post("/ui/gradio_api/queue/join", headers={"content-type": "Application/JSON"},
+                 content=json.dumps({"data": [None, "", [], "", ""], "event_data": None, "fn_index": refresh, "trigger_id": None,
+                                     "session_hash": alices_hash}))
+    assert r.status_code == 403  # the content type's case does not hide the session_hash
     with alice.stream("GET", f"/ui/gradio_api/queue/data?session_hash={alices_hash}", timeout=30) as stream:
         assert stream.status_code == 200  # Alice still reads her own results
     with sso_portal["services"].db.session() as s:

@@ -86,6 +86,16 @@ def test_submit_wait_json_then_runs_logs_cancel(cli, demo_config, tmp_path):
 
     cancel = cli("cancel", str(run["id"]))
     assert cancel.returncode == 1 and "already succeeded" in cancel.stderr
+    # history: a note, a filtered search, and a clone on the same data that records its parent
+    assert cli("note", str(run["id"]), "--note", "first CLI run", "--tags", "cli,smoke").returncode == 0
+    found = json.loads(cli("runs", "--status", "succeeded", "--search", "smoke", "--json").stdout)
+    assert [r["id"] for r in found] == [run["id"]] and found[0]["tags"] == ["cli", "smoke"]
+    assert cli("runs", "--status", "done").returncode == 2  # a bad filter names the choices
+    clone = cli("clone", str(run["id"]), "--name", "cli_clone", "--set", "learning_rate=5e-4", "--json")
+    assert clone.returncode == 0, clone.stderr
+    child = json.loads(clone.stdout)
+    assert child["parent_id"] == run["id"] and child["dataset_fingerprints"] == run["dataset_fingerprints"]
+    assert cli("cancel", str(child["id"])).returncode == 0
     missing = cli("logs", "999")
     assert missing.returncode == 1 and "run 999 not found" in missing.stderr
     assert cli("logs", "abc").returncode == 2
@@ -125,3 +135,36 @@ def test_users_list_and_deactivate(cli):
         event = s.exec(select(AuditEvent).where(AuditEvent.action == "deactivate_user",
                                                 AuditEvent.target == "user:henry")).first()
     assert event is not None and event.client == f"cli@{socket.gethostname()}"
+
+
+def test_datasets_add_list_and_check_failures(cli, tmp_path):
+    from portal.demo import alpaca_rows
+
+    good = tmp_path / "faq.jsonl"
+    rows = alpaca_rows(30)
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:2]))  # two duplicates: a warning
+    out = cli("datasets", "add", str(good), "--name", "faq", "--format", "alpaca")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("faq v1: 32 rows, sha256 ")
+    assert "warning: duplicates" in out.stderr
+    listing = json.loads(cli("datasets", "list", "--json").stdout)
+    faq = next(d for d in listing if d["name"] == "faq")
+    import hashlib
+
+    assert faq["version"] == 1 and faq["rows"] == 32 and faq["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("q,a\nWhat is 1+1?,2\nCapital of France?,Paris\n")
+    out = cli("datasets", "add", str(renamed), "--name", "qa", "--format", "alpaca")
+    assert out.returncode == 1 and "missing_columns" in out.stderr and "instruction" in out.stderr
+    out = cli("datasets", "add", str(renamed), "--name", "qa", "--columns", "prompt=q,response=a,query=")
+    assert out.returncode == 0, out.stderr
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n')
+    out = cli("datasets", "add", str(broken), "--name", "broken")
+    assert out.returncode == 1 and "line 2, column" in out.stderr.lower()
+    assert "broken" not in [d["name"] for d in json.loads(cli("datasets", "list", "--json").stdout)]
+    assert cli("datasets", "add", str(tmp_path / "missing.jsonl"), "--name", "x").returncode == 2
+    out = cli("datasets", "delete", "qa")
+    assert out.returncode == 0 and "qa: deleted (1 file(s) removed" in out.stdout

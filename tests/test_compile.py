@@ -558,3 +558,17 @@ def test_bug_double_quantization_false_kept(defaults):
     original = {**yaml_to_args(HAND_WRITTEN), "double_quantization": False}
     args = form_to_args(args_to_form(original).values, defaults)
     assert args.get("double_quantization") is False
+
+
+def test_numbers_written_as_text_in_yaml_become_numbers():
+    """YAML 1.1 reads 5e-4 (no dot) as a string; the trainer would only fail at run time."""
+    args = yaml_to_args("learning_rate: 5e-4\nnum_train_epochs: '3'\nper_device_train_batch_size: '8'\n"
+                        "max_grad_norm: nan\nrun_name: 1e-3\ngradient_accumulation_steps: '2.5'\n")
+    assert args["learning_rate"] == 0.0005 and isinstance(args["learning_rate"], float)
+    assert args["num_train_epochs"] == 3.0
+    assert args["per_device_train_batch_size"] == 8 and isinstance(args["per_device_train_batch_size"], int)
+    assert args["max_grad_norm"] == "nan"  # not a finite number: left for the type check to name
+    assert args["run_name"] == "1e-3"  # a text field stays text
+    assert args["gradient_accumulation_steps"] == "2.5"  # an int field given a fraction: left for the check
+    problems = validate_args(args)
+    assert "wrong type" in problems["max_grad_norm"] and "wrong type" in problems["gradient_accumulation_steps"]

@@ -217,6 +217,9 @@ def rejecting(make_services):
     ({"swanlab_lark_webhook_url": "https://evil.example"}, "swanlab_lark_webhook_url", "outside services"),
     ({"adapter_name_or_path": "/tmp"}, "adapter_name_or_path", "outside"),
     ({"hub_token": "hf_secret"}, "hub_token", "tokens never go in a config"),
+    ({"swanlab_lark_secret": "s3"}, "swanlab_lark_secret", "secrets never go in a config"),
+    ({"tokenized_path": "{shared}/datasets/cache"}, "tokenized_path", "outside"),  # shared is read-only
+    ({"export_dir": "{shared}/models/mine"}, "export_dir", "outside"),
     ({"push_to_hub": True}, "push_to_hub", "not allowed"),
     ({"trust_remote_code": True}, "trust_remote_code", "not allowed"),
     ({"report_to": "wandb"}, "report_to", "MLflow only"),

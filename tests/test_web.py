@@ -24,6 +24,10 @@ def test_healthz_and_root(portal):
     assert page.headers["x-frame-options"] == "DENY"
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "fonts.googleapis.com/css" not in page.text  # no stylesheet fetched from outside
+    # without login only loopback names are answered: a DNS-rebinding page sends its own Host
+    rebound = httpx.get(f"{portal['url']}/ui/config", headers={"host": "attacker.example:80"})
+    assert rebound.status_code == 403 and "loopback" in rebound.json()["detail"]
+    assert httpx.get(f"{portal['url']}/ui/config", headers={"host": "localhost:7860"}).status_code == 200
 
 
 def _qualname(fn) -> tuple[str, str]:
@@ -82,6 +86,7 @@ def test_browser_submit_follow_and_bad_input(portal, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     services = portal["services"]
+    before = len(services.runs.list_runs(services.runs.user("local")))  # other tests share this portal
     with sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -97,7 +102,7 @@ def test_browser_submit_follow_and_bad_input(portal, tmp_path):
             assert "top.model_path" in output.inner_text()
             # the form kept what the user chose
             assert "demo_alpaca" in page.locator("#lb-train-dataset").inner_text()
-            assert services.runs.list_runs(services.runs.user("local")) == []
+            assert len(services.runs.list_runs(services.runs.user("local"))) == before  # nothing launched
 
             # fill the form as a new user would
             _pick(page, "lb-top-model-name", "tiny-llama")

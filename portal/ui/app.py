@@ -1,4 +1,4 @@
-"""The portal's Blocks: Train and Runs tabs."""
+"""The portal's Blocks: Train, Data, Runs and (for admins) Admin tabs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import gradio as gr
 
 from llamaboard_ext.form import form_defaults, llamaboard_css
 
-from ..runs import RunService
-from .common import current_user
+from ..runs import NotFound, RunService
 from ..users import UserAdmin
 from .admin import build_admin_tab
-from .runs import build_runs_tab
+from .common import current_user
+from .data import build_data_tab
+from .runs import build_runs_tab, run_number
 from .train import build_train_tab
 
 
@@ -21,7 +22,9 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
     # System fonts: the page must not fetch anything from outside (Gradio's default loads Google Fonts).
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "Consolas", "monospace"])
-    with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), theme=theme, analytics_enabled=False) as blocks:
+    # delete_cache: Gradio's temp files (uploads not saved, YAML downloads) go after two hours
+    with gr.Blocks(title="LLaMA Board Portal", css=llamaboard_css(), theme=theme, analytics_enabled=False,
+                   delete_cache=(3600, 7200)) as blocks:
         with gr.Row():
             header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
             # signing out changes state: a POST form (the security layer checks its Origin), not a link
@@ -32,6 +35,10 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
                 form = build_train_tab(runs)
+            with gr.Tab("Data", id="data") as data_tab:
+                data_parts = build_data_tab(runs, runs.datasets, form.component("train.dataset"),
+                                            form.component("train.training_stage"))
+            data_tab.select(data_parts["refresh"], [data_parts["stage"]], data_parts["outputs"])
             with gr.Tab("Runs", id="runs"):
                 runs_tab = build_runs_tab(runs)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
@@ -40,17 +47,40 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
 
         lf_names = [c[0] if isinstance(c, tuple) else c for c in form.component("top.model_name").choices]
 
+        def clone_into_form(run_id, request: gr.Request):
+            """The Runs tab's Clone: the run's config into the Train form (a new name), then the Train tab."""
+            user = current_user(runs, request)
+            if run_id is None:
+                raise gr.Error("Select a run to clone.")
+            try:
+                values, warnings = form.portal_backend.clone_values(user.username, run_number(run_id))
+            except (NotFound, ValueError) as err:
+                raise gr.Error(str(err)) from err
+            run_label = str(run_id).split()[0].lstrip("#")
+            updates: dict = {form.elems[k]: v for k, v in values.items() if k in form.elems and k != "train.output_box"}
+            note = "\n\n".join(f"**Warning:** {w}" for w in warnings)
+            updates[form.component("train.output_box")] = (
+                f"Run #{run_label} is loaded into the form under a new name. Change what you want and press "
+                f"**Submit run**: the new run records #{run_label} as its parent.\n\n{note}").strip()
+            updates[tabs] = gr.Tabs(selected="train")
+            return updates
+
+        runs_tab["clone"].click(clone_into_form, [runs_tab["selected"]],
+                                form.inputs + [form.component("train.output_box"), tabs])
+
         def on_load(request: gr.Request):
             user = current_user(runs, request)
             now = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-            models = runs.catalog.models()
+            models = runs.catalog.models()  # the admin's catalog first, then shared model folders
+            # LLaMA Board's own list names hub models: offered only where hub models are allowed
+            extra = lf_names if runs.settings.allow_hub_models else [n for n in lf_names if n == "Custom"]
             return {
                 header: f"## LLaMA Board Portal\nSigned in as **{user.username}**"
                         + (" (admin)" if user.is_admin else ""),
                 form.component("train.current_time"): now,
                 form.component("train.output_dir"): gr.Dropdown(value=f"train_{now}", choices=[f"train_{now}"]),
                 form.component("train.config_path"): gr.Dropdown(value=f"{now}.yaml", choices=[f"{now}.yaml"]),
-                form.component("top.model_name"): gr.Dropdown(choices=list(models) + [n for n in lf_names if n not in models]),
+                form.component("top.model_name"): gr.Dropdown(choices=list(models) + [n for n in extra if n not in models]),
                 admin_tab: gr.Tab(visible=user.is_admin),
             }
 

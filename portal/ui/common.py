@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..models import User
-from ..request_context import client_address
+from ..request_context import client_address, page_session
 from ..runs import RunService
 
 
@@ -16,6 +16,7 @@ def current_user(runs: RunService, request: gr.Request | None) -> User:
         raise gr.Error("Not signed in. Reload the page to sign in again.")
     client = getattr(request, "client", None)
     client_address.set(getattr(client, "host", None))  # the audit log records where actions came from
+    page_session.set(getattr(request, "session_hash", None))
     try:
         return runs.user(name)
     except PermissionError as err:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from ..models import Run
+from ..models import Run, RunStatus
+from ..run_query import RunQuery
 from ..runs import NotFound, PortalError, RunService
 from .common import current_user
 
-TABLE_HEADERS = ["ID", "Name", "Owner", "Status", "Created", "Finished", "Final loss", "Reason"]
+TABLE_HEADERS = ["ID", "Name", "Owner", "Status", "Created", "Finished", "Final loss", "Parent", "Tags", "Reason"]
+DIFF_HEADERS_FIRST = "Config key"
+PAGE_SIZE = 50
 REFRESH_SECONDS = 2.0
 
 
@@ -21,7 +25,8 @@ def _when(value) -> str:
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     rows = [[r.id, r.name, r.owner, r.status.value, _when(r.created_at), _when(r.finished_at),
-             "" if r.final_loss is None else f"{r.final_loss:.4f}", r.status_reason or ""] for r in runs]
+             "" if r.final_loss is None else f"{r.final_loss:.4f}", f"#{r.parent_id}" if r.parent_id else "",
+             r.tags.replace(",", ", "), r.status_reason or ""] for r in runs]
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
@@ -41,9 +46,31 @@ def run_details(run: Run, mlflow_url: str | None) -> str:
     if run.final_loss is not None:
         lines.append(f"**Final loss:** {run.final_loss:.4f}")
     lines.append(f"**Output:** `{run.output_dir}` · **Config sha256:** `{run.config_sha256[:16]}…`")
+    if run.parent_id:
+        lines.append(f"**Cloned from:** run #{run.parent_id}")
+    prints = json.loads(run.dataset_fingerprints or "[]")
+    if prints:
+        lines.append("**Data:** " + "; ".join(_fingerprint_text(fp) for fp in prints))
+    if run.note or run.tags:
+        lines.append(f"**Note:** {run.note or '—'} · **Tags:** {run.tags.replace(',', ', ') or '—'}")
     if mlflow_url:
         lines.append(f"[Open in MLflow]({mlflow_url})")
     return "  \n".join(lines)
+
+
+def _fingerprint_text(fp: dict) -> str:
+    parts = [f"`{fp['name']}`"]
+    if fp.get("version"):
+        parts.append(f"v{fp['version']}")
+    elif fp.get("shared"):
+        parts.append("shared")
+    if fp.get("rows") is not None:
+        parts.append(f"{fp['rows']} rows")
+    if fp.get("sha256"):
+        parts.append(f"sha256 `{fp['sha256'][:12]}`")
+    elif fp.get("source"):
+        parts.append(f"hub `{fp['source']}`")
+    return " · ".join(parts)
 
 
 def curve_frame(points) -> pd.DataFrame | None:
@@ -56,19 +83,41 @@ def curve_frame(points) -> pd.DataFrame | None:
     return frame.astype({"step": "int64", "loss": "float64", "metric": "str"})
 
 
-def _run_number(value) -> int:
+def run_number(value) -> int:
     try:
         return int(str(value).strip().lstrip("#").split()[0])
     except (ValueError, IndexError):
         raise ValueError(f"'{value}' is not a run id: type a run number like 12") from None
 
 
+def compare_curves(comparison) -> pd.DataFrame | None:
+    rows = [{"step": int(p.step), "loss": float(p.value), "series": f"#{run.id} {run.name} {p.key}"}
+            for run in comparison.runs for p in comparison.curves.get(run.id, []) if p.key in ("loss", "eval_loss")]
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+
+
+def compare_table(comparison) -> pd.DataFrame:
+    headers = [DIFF_HEADERS_FIRST] + [f"#{r.id} {r.name}" for r in comparison.runs]
+    rows = [[key, *("" if v is None else str(v) for v in values)] for key, values in comparison.differences.items()]
+    if not rows:
+        rows = [["(no difference in the configs)", *["" for _ in comparison.runs]]]
+    return pd.DataFrame(rows, columns=headers)
+
+
 def build_runs_tab(runs: RunService) -> dict[str, Any]:
+    with gr.Row():
+        search = gr.Textbox(label="Search name, note, tags", scale=3, elem_id="runs-search")
+        statuses = gr.CheckboxGroup([s.value for s in RunStatus], label="Status", scale=4, elem_id="runs-status")
+        model_filter = gr.Textbox(label="Base model contains", scale=2, elem_id="runs-model")
+        dataset_filter = gr.Textbox(label="Dataset contains", scale=2, elem_id="runs-dataset")
     with gr.Row():
         refresh_btn = gr.Button("Refresh", scale=0, elem_id="runs-refresh")
         # custom values: a run id can be typed (the service decides whether it is yours)
         selected = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="run-select",
                                allow_custom_value=True)
+        clone_btn = gr.Button("Clone into the form", scale=0, elem_id="run-clone")
         cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="run-cancel")
     table = gr.Dataframe(headers=TABLE_HEADERS, value=runs_table([]), interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row():
@@ -80,43 +129,103 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
     logs = gr.Textbox(label="Log (tail)", lines=14, max_lines=14, autoscroll=True, interactive=False, elem_id="run-log")
     with gr.Accordion("Config (YAML that ran)", open=False):
         config = gr.Code(language="yaml", interactive=False, elem_id="run-config")
+    with gr.Accordion("Note and tags", open=False):
+        with gr.Row():
+            note = gr.Textbox(label="Note", scale=3, elem_id="run-note")
+            tags = gr.Textbox(label="Tags (comma separated)", scale=2, elem_id="run-tags")
+            save_note_btn = gr.Button("Save note", scale=0, elem_id="run-save-note")
+    with gr.Accordion("Compare runs (2 to 5)", open=False):
+        with gr.Row():
+            compare_pick = gr.Dropdown(label="Runs", choices=[], multiselect=True, max_choices=5, scale=4,
+                                       elem_id="compare-select")
+            compare_btn = gr.Button("Compare", scale=0, elem_id="compare-run")
+        compare_plot = gr.LinePlot(value=None, x="step", y="loss", color="series", title="Loss by step",
+                                   elem_id="compare-curve", height=300)
+        compare_diff = gr.Dataframe(value=pd.DataFrame(columns=[DIFF_HEADERS_FIRST]), interactive=False, wrap=True,
+                                    elem_id="compare-diff")
     timer = gr.Timer(REFRESH_SECONDS)
 
-    def refresh(run_id, request: gr.Request):
+    def refresh(run_id, text, wanted, model, dataset, request: gr.Request):
         user = current_user(runs, request)
-        history = runs.list_runs(user)
+        query = RunQuery(search=text or None, status=list(wanted or []) or None, model=model or None,
+                         dataset=dataset or None, limit=PAGE_SIZE)
+        history, total = runs.search_runs(user, query)
         if run_id is None and history:
             run_id = history[0].id  # newest first: follow the run just submitted
         dropdown = gr.Dropdown(choices=run_choices(history), value=run_id)
+        picks = gr.Dropdown(choices=run_choices(history))
+        table_value = runs_table(history)
         if run_id is None:
-            return dropdown, runs_table(history), "No runs yet: submit one from the Train tab.", curve_frame([]), "", ""
+            empty = "No runs match these filters." if any((text, wanted, model, dataset)) else \
+                "No runs yet: submit one from the Train tab."
+            return dropdown, table_value, empty, curve_frame([]), "", "", picks
         try:
-            run = runs.get_run(user, _run_number(run_id))
+            run = runs.get_run(user, run_number(run_id))
         except (NotFound, ValueError) as err:
-            return dropdown, runs_table(history), str(err), curve_frame([]), "", ""
+            return dropdown, table_value, str(err), curve_frame([]), "", "", picks
         try:
             points = runs.metrics(user, run.id)
             url = runs.mlflow_url(run)
         except Exception as err:  # MLflow down: say so, keep the rest of the page
             points, url = [], None
             run.status_reason = f"{run.status_reason or ''} (metrics unavailable: {err})".strip()
-        return (dropdown, runs_table(history), run_details(run, url), curve_frame(points),
-                runs.logs(user, run.id, tail_bytes=20_000), run.config_yaml)
+        text_details = run_details(run, url)
+        if total > len(history):
+            text_details += f"  \n_(the table shows the newest {len(history)} of {total} matching runs)_"
+        return (dropdown, table_value, text_details, curve_frame(points),
+                runs.logs(user, run.id, tail_bytes=20_000), run.config_yaml, picks)
 
     def cancel(run_id, request: gr.Request):
         user = current_user(runs, request)
         if run_id is None:
             raise gr.Error("Select a run to cancel.")
         try:
-            run = runs.cancel(user, _run_number(run_id))
+            run = runs.cancel(user, run_number(run_id))
         except (NotFound, PortalError, ValueError) as err:
             raise gr.Error(str(err)) from err
         gr.Info(f"Run #{run.id} is {run.status.value}.")
 
-    outputs = [selected, table, details, curve, logs, config]
-    timer.tick(refresh, [selected], outputs, show_progress="hidden", concurrency_limit=None)
-    refresh_btn.click(refresh, [selected], outputs, concurrency_limit=None)
-    selected.input(refresh, [selected], outputs, concurrency_limit=None)
-    cancel_btn.click(cancel, [selected], None).then(refresh, [selected], outputs)
+    def load_note(run_id, request: gr.Request):
+        user = current_user(runs, request)
+        try:
+            run = runs.get_run(user, run_number(run_id))
+        except (NotFound, ValueError):
+            return "", ""
+        return run.note, run.tags.replace(",", ", ")
+
+    def save_note(run_id, text, tag_text, request: gr.Request):
+        user = current_user(runs, request)
+        try:
+            run = runs.annotate(user, run_number(run_id), note=text or "", tags=str(tag_text or "").split(","))
+        except (NotFound, PortalError, ValueError) as err:
+            raise gr.Error(str(err)) from err
+        gr.Info(f"Note of run #{run.id} saved.")
+
+    def compare(picked, request: gr.Request):
+        user = current_user(runs, request)
+        try:
+            comparison = runs.compare(user, [run_number(p) for p in picked or []])
+        except (NotFound, PortalError, ValueError) as err:
+            raise gr.Error(str(err)) from err
+        except Exception as err:  # MLflow unreachable: say so instead of Gradio's generic error
+            raise gr.Error(f"the curves could not be read from MLflow: {err.__class__.__name__}") from err
+        return compare_curves(comparison), compare_table(comparison)
+
+    def tick(run_id, text, wanted, model, dataset, request: gr.Request):
+        """The timer's refresh: everything but the compare picker (it would fight the user's picking)."""
+        return refresh(run_id, text, wanted, model, dataset, request)[:-1]
+
+    filters = [search, statuses, model_filter, dataset_filter]
+    outputs = [selected, table, details, curve, logs, config, compare_pick]
+    timer.tick(tick, [selected, *filters], outputs[:-1], show_progress="hidden", concurrency_limit=None)
+    refresh_btn.click(refresh, [selected, *filters], outputs, concurrency_limit=None)
+    for box in (search, model_filter, dataset_filter):
+        box.submit(refresh, [selected, *filters], outputs, concurrency_limit=None)
+    statuses.input(refresh, [selected, *filters], outputs, concurrency_limit=None)
+    selected.input(refresh, [selected, *filters], outputs, concurrency_limit=None)
+    selected.change(load_note, [selected], [note, tags])  # also when the tab follows the newest run
+    cancel_btn.click(cancel, [selected], None).then(refresh, [selected, *filters], outputs)
+    save_note_btn.click(save_note, [selected, note, tags], None).then(refresh, [selected, *filters], outputs)
+    compare_btn.click(compare, [compare_pick], [compare_plot, compare_diff])
     return {"selected": selected, "table": table, "details": details, "curve": curve, "logs": logs,
-            "config": config, "timer": timer, "refresh": refresh}
+            "config": config, "timer": timer, "refresh": refresh, "clone": clone_btn, "filters": filters}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 import tempfile
 from typing import Any
 
@@ -12,11 +13,13 @@ import gradio as gr
 from llamaboard_ext import compile as lbc
 from llamaboard_ext.form import FormError, TrainForm, build_train_form, form_defaults
 
+from ..request_context import page_session
 from ..runs import ConfigRejected, PortalError, RunService
 from ..storage import check_name
 from .common import current_user
 
 FORM_SUFFIX = ".yaml"
+MAX_PENDING_CLONES = 10_000
 
 
 class TrainBackend:
@@ -25,6 +28,28 @@ class TrainBackend:
     def __init__(self, runs: RunService, defaults: dict[str, Any]):
         self.runs = runs
         self.defaults = defaults  # the form's initial values: what an unset field means
+        # (user, page) -> the run cloned into that page's form; bounded: closed pages leave entries behind
+        self._parents: OrderedDict[tuple[str, str | None], int] = OrderedDict()
+
+    def remember_parent(self, user: str, run_id: int | None) -> None:
+        """The run whose config this page's form now holds (None: a config from elsewhere)."""
+        key = (user, page_session.get())
+        if run_id is None:
+            self._parents.pop(key, None)
+        else:
+            self._parents[key] = run_id
+            self._parents.move_to_end(key)
+            while len(self._parents) > MAX_PENDING_CLONES:
+                self._parents.popitem(last=False)
+
+    def clone_values(self, user: str, run_id: int) -> tuple[dict[str, Any], list[str]]:
+        """A run's config as form values (a new run name), remembered as this page's parent."""
+        run = self.runs.get_run(self._user(user), run_id, purpose="clone")
+        loaded = lbc.args_to_form(lbc.yaml_to_args(run.config_yaml), self.runs.catalog.models())
+        values = dict(loaded.values)
+        values["train.output_dir"] = f"{run.name}_clone"[:100]
+        self.remember_parent(user, run.id)
+        return values, loaded.warnings
 
     def args(self, values: dict[str, Any]) -> dict[str, Any]:
         """Form values -> LLaMA-Factory args (raises FormError naming the fields)."""
@@ -38,6 +63,18 @@ class TrainBackend:
 
     def model_choices(self, user: str) -> dict[str, str]:
         return self.runs.catalog.models()
+
+    def model_info(self, user: str, model_name: str) -> dict[str, Any] | None:
+        """What the form shows for a catalog model: its template, and its license and GPU memory
+        hints as one line. None for a name without a catalog entry (a discovered folder, LLaMA Board's list)."""
+        entry = self.runs.catalog.model_entry(model_name)
+        if entry is None or entry.name != model_name:
+            return None
+        note = entry.note()
+        if entry.trust_remote_code:
+            note = " · ".join(p for p in (note, "runs its own code (approved by an admin)") if p)
+        return {"template": entry.template, "note": note, "license": entry.license,
+                "gpu_memory_gb": dict(entry.gpu_memory_gb), "trust_remote_code": entry.trust_remote_code}
 
     def dataset_choices(self, user: str, ranking: bool) -> list[str]:
         return self.runs.catalog.dataset_names(self.runs.space(self._user(user)), ranking)
@@ -77,6 +114,7 @@ class TrainBackend:
         if not path.is_file():
             raise FileNotFoundError(f"no saved form named '{path.name}' in your space")
         loaded = lbc.args_to_form(lbc.yaml_to_args(path.read_bytes()), self.runs.catalog.models())
+        self.remember_parent(user, None)
         return loaded.values
 
     def preview(self, user: str, values: dict[str, Any]) -> str:
@@ -87,12 +125,17 @@ class TrainBackend:
 
     def submit(self, user: str, values: dict[str, Any]) -> str:
         try:
-            run = self.runs.submit_args(self._user(user), self.args(values), source="form")
+            account = self._user(user)
+            parent_id = self._parents.get((user, page_session.get()))  # kept until a submit succeeds
+            parent = self.runs.get_run(account, parent_id) if parent_id is not None else None
+            run = self.runs.submit_args(account, self.args(values), source="clone" if parent else "form", parent=parent)
         except ConfigRejected as err:
             raise FormError(err.problems) from err
         except PortalError as err:
             raise ValueError(str(err)) from err
-        return f"Run #{run.id} **{run.name}** submitted ({run.status.value}). Follow it in the **Runs** tab."
+        self._parents.pop((user, page_session.get()), None)
+        origin = f", cloned from run #{run.parent_id}" if run.parent_id else ""
+        return f"Run #{run.id} **{run.name}** submitted ({run.status.value}{origin}). Follow it in the **Runs** tab."
 
 
 def build_train_tab(runs: RunService) -> TrainForm:
@@ -122,7 +165,7 @@ def build_train_tab(runs: RunService) -> TrainForm:
         return {output_box: f"`{name}.yaml` is ready below.", download_file: gr.File(value=path, visible=True)}
 
     def load_yaml(file, request: gr.Request):
-        current_user(runs, request)
+        user = current_user(runs, request)
         path = getattr(file, "name", file)
         try:
             with open(path, "rb") as fh:
@@ -137,6 +180,7 @@ def build_train_tab(runs: RunService) -> TrainForm:
                 os.unlink(path)  # uploads never stay in Gradio's shared temp folder
             except OSError:
                 pass
+        backend.remember_parent(user.username, None)  # the form now holds a config from a file
         updates: dict[Any, Any] = {}
         for elem_id, value in loaded.values.items():
             if elem_id in form.elems:
@@ -147,4 +191,5 @@ def build_train_tab(runs: RunService) -> TrainForm:
 
     download_btn.click(download_yaml, set(form.inputs), [output_box, download_file], concurrency_limit=None)
     upload_btn.upload(load_yaml, [upload_btn], form.inputs + [output_box], concurrency_limit=None)
+    form.portal_backend = backend  # type: ignore[attr-defined]  (the Runs tab's Clone fills this form)
     return form
