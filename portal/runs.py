@@ -94,6 +94,20 @@ def llamafactory_cli() -> str:
     return str(beside) if beside.is_file() else (shutil.which("llamafactory-cli") or "llamafactory-cli")
 
 
+def environment_params() -> dict[str, str]:
+    """The software a local job runs with (the portal's own environment): part of the run's
+    reproducibility record in MLflow."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    params = {"env.python": sys.version.split()[0], "env.portal": __version__}
+    for package in ("llamafactory", "transformers", "torch", "peft", "accelerate", "datasets"):
+        try:
+            params[f"env.{package}"] = version(package)
+        except PackageNotFoundError:
+            params[f"env.{package}"] = "not installed"
+    return params
+
+
 def dataset_params(fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
     """MLflow params naming the data of a run: which data trained this model, always answerable."""
     params: dict[str, Any] = {}
@@ -272,7 +286,10 @@ class RunService:
                 "portal.config_sha256": sha, "portal.source": source, "mlflow.user": user.username,
                 **({"portal.parent_run_id": str(parent.id)} if parent is not None else {}),
             })
-            self.tracker.log_params(run.mlflow_run_id, dataset_params(prepared.fingerprints))
+            self.tracker.log_params(run.mlflow_run_id, {
+                **dataset_params(prepared.fingerprints), **environment_params(),
+                "portal.seed": prepared.args.get("seed", 42),  # LLaMA-Factory's default when unset
+            })
             self.tracker.client.log_artifact(run.mlflow_run_id, str(run_dir / CONFIG_FILE))
         except Exception as err:  # tracking down: the run is kept and reported, never launched blind
             self._set(run.id, status=RunStatus.failed, status_reason=f"MLflow is not reachable: {err}", finished_at=utcnow())

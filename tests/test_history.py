@@ -122,6 +122,9 @@ def test_clone_records_its_parent_and_keeps_the_data_versions(make_services, tmp
         assert "learning_rate: 0.0005" in child.config_yaml and "parent_run" not in child.config_yaml
         tags = services.tracker.client.get_run(child.mlflow_run_id).data.tags
         assert tags["portal.parent_run_id"] == str(parent.id) and tags["portal.source"] == "clone"
+        params = services.tracker.client.get_run(child.mlflow_run_id).data.params  # the reproducibility record
+        assert params["env.llamafactory"] == "0.9.5" and params["env.torch"].startswith("2.11")
+        assert params["portal.seed"] == "42" and params["env.python"].startswith("3.")
         comparison = runs.compare(cara, [parent.id, child.id])
         assert comparison.differences["learning_rate"] == [0.001, 0.0005]
         assert "output_dir" not in comparison.differences and "dataset_dir" not in comparison.differences
