@@ -1,7 +1,7 @@
 """Run every benchmark in sequence (each in its own process) and print one summary table.
 
-usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login|security|datasets|history] [--repeats N]
-                                          [--viewers N] [--duration S]
+usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login|security|datasets|history|chat]
+                                          [--repeats N] [--viewers N] [--duration S]
 (`make bench` runs it with the defaults.) Exit status 0 when every benchmark ran, whatever its
 figures: budgets are reported as OK / OVER BUDGET, never failed on; 1 when a benchmark broke.
 """
@@ -39,7 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 launcher pairs, curves phases of 8 s (figures are noisier)")
-    p.add_argument("--only", choices=["launcher", "curves", "login", "security", "datasets", "history"])
+    p.add_argument("--only", choices=["launcher", "curves", "login", "security", "datasets", "history", "chat"])
     p.add_argument("--repeats", type=int, help="launcher-overhead pairs (default 5, --quick 2)")
     p.add_argument("--viewers", type=int, help="live-curves viewers (default 50)")
     p.add_argument("--duration", type=float, help="live-curves seconds per phase (default 20, --quick 8)")
@@ -157,6 +157,21 @@ def main() -> int:
                              f"{backend}, {r['params']['runs']:,} runs: worst query p95 ({worst['query']})",
                              f"{worst['p95_ms']:.1f} ms", f"<= {r['budget_p95_ms']:.0f} ms",
                              "OK" if worst["p95_ms"] <= r["budget_p95_ms"] else "OVER BUDGET"))
+
+    if opts.only in (None, "chat"):
+        since = time.time()
+        code, times["chat_ttft"] = run("bench_chat_ttft.py", ["--pairs", "5"] if opts.quick else [])
+        r = load("chat_ttft", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_chat_ttft.py (exit {code})")
+        else:
+            n = len(r["portal"])
+            rows.append(("chat", f"first token: median portal / direct ({n} pairs)", f"{r['ratio']:.3f}",
+                         f"<= {r['budget_ratio']}", C.verdict(r["ok"])))
+            rows.append(("", "first token median portal, direct (ms)",
+                         f"{r['portal_ttft_ms']['median']:.1f}, {r['direct_ttft_ms']['median']:.1f}", "", ""))
+            rows.append(("", "first chat of a run (starts its server)", f"{r['first_chat_ttft_s']:.2f} s",
+                         "(recorded)", ""))
 
     print()
     print(f"== summary ({time.strftime('%Y-%m-%d %H:%M')}, {C.machine()['cpus']} CPUs) ==")

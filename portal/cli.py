@@ -198,7 +198,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .run_query import RunQuery
+    from .run_query import RunQuery, total_text
 
     services = _services(args)  # the MLflow links need the tracking server
     query = RunQuery(status=args.status, model=args.model, dataset=args.dataset, stage=args.stage, method=args.method,
@@ -217,7 +217,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         created = r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else ""
         print(f"{r.id:>5}  {r.status.value:<10} {r.owner:<12} {created:<19}  {loss:>8}  {r.name}")
     if total > len(runs):
-        print(f"({len(runs)} of {total}; --offset {args.offset + len(runs)} for more)")
+        print(f"({len(runs)} of {total_text(total)}; --offset {args.offset + len(runs)} for more)")
     return EXIT_OK
 
 

@@ -177,6 +177,10 @@ class Settings(BaseSettings):
     policy_forbidden_keys: dict[str, str] = Field(default_factory=dict)
     policy_allowed_keys: list[str] = Field(default_factory=list)
     job_cpus: int | None = None  # preprocessing workers per job; None: the machine's cores / concurrency
+    # chat with a run: one OpenAI-compatible server per run on this machine (llamafactory-cli api)
+    chat_max_servers: int = Field(default=2, ge=1)  # the least recently used one stops for a new one
+    chat_idle_seconds: float = Field(default=900.0, gt=0)  # a server unused this long is stopped
+    chat_gpus: list[int] = Field(default_factory=list)  # GPUs for chat servers; [] runs them on the CPU
     max_upload_mb: int = Field(default=512, ge=1)  # dataset uploads (browser and CLI); Gradio refuses larger ones
     max_dataset_rows: int | None = Field(default=2_000_000, ge=1)  # rows per dataset file; None: no limit
 

@@ -77,7 +77,7 @@ class Run(SQLModel, table=True):
     launcher_state: str = "{}"  # JSON dict owned by the launcher (pid + start time locally)
     gpus: int = 0
     exit_code: int | None = None
-    final_loss: float | None = None
+    final_loss: float | None = Field(default=None, index=True)  # the history's "best first" sort
     cancel_requested: bool = False
     # JSON list: for each dataset the run used, its name, version, sha256, rows and file
     dataset_fingerprints: str = "[]"

@@ -14,10 +14,13 @@ from .models import Run, RunStatus, User
 SORTS = {
     "newest": (col(Run.created_at).desc(), col(Run.id).desc()),
     "oldest": (col(Run.created_at).asc(), col(Run.id).asc()),
-    "loss": (col(Run.final_loss).is_(None), col(Run.final_loss).asc(), col(Run.id).desc()),  # best first, None last
+    "loss": (col(Run.final_loss).asc().nulls_last(), col(Run.id).desc()),  # best first, runs without a loss last
     "name": (col(Run.name).asc(), col(Run.id).desc()),
 }
 MAX_LIMIT = 500
+# Totals are counted up to this many, then shown as "1,000+": an exact count of a broad search
+# would read every row of a large history (the page itself stops after `limit` matches).
+COUNT_CAP = 1000
 
 
 @dataclass
@@ -59,7 +62,8 @@ def _like(value: str) -> str:
 
 
 def _contains(column: Any, value: str):
-    return func.lower(column).like(_like(value), escape="\\")
+    # ILIKE on PostgreSQL; on SQLite, LIKE (case-insensitive for ASCII) on lower(): no per-row lower() on PostgreSQL
+    return column.ilike(_like(value), escape="\\")
 
 
 def where_clauses(query: RunQuery, user: User) -> list[Any]:
@@ -94,4 +98,11 @@ def page_statement(query: RunQuery, user: User):
 
 
 def count_statement(query: RunQuery, user: User):
-    return select(func.count()).select_from(Run).where(*where_clauses(query, user))
+    """How many runs match, counted up to COUNT_CAP + 1."""
+    capped = select(Run.id).where(*where_clauses(query, user)).limit(COUNT_CAP + 1).subquery()
+    return select(func.count()).select_from(capped)
+
+
+def total_text(total: int) -> str:
+    """A total from count_statement, for people: "1,000+" once the cap is reached."""
+    return f"{COUNT_CAP:,}+" if total > COUNT_CAP else f"{total:,}"

@@ -163,6 +163,8 @@ class RunService:
         self._denied_seen: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._chat_servers = None
+        self._chat_lock = threading.Lock()
 
     # ---- users and audit -----------------------------------------------------------------
     def ensure_user(self, username: str, *, is_admin: bool = False, email: str | None = None) -> User:
@@ -381,6 +383,49 @@ class RunService:
             differences["(dataset versions)"] = versions
         curves = {run.id: (self.metrics(user, run.id) if run.mlflow_run_id else []) for run in chosen}
         return Comparison(runs=chosen, curves=curves, differences=differences)
+
+    # ---- chat ------------------------------------------------------------------------------
+    @property
+    def chat_servers(self):
+        """The chat servers of this process, made on first use (they start nothing until asked)."""
+        with self._chat_lock:
+            if self._chat_servers is None:
+                from .launchers.local import LocalLauncher
+                from .serving import LocalChatServers
+
+                launcher = self.launcher if isinstance(self.launcher, LocalLauncher) else None
+                self._chat_servers = LocalChatServers(
+                    self.settings.data_root / "chat-servers", launcher=launcher,
+                    max_servers=self.settings.chat_max_servers, idle_seconds=self.settings.chat_idle_seconds,
+                    gpu_ids=self.settings.chat_gpus)
+            return self._chat_servers
+
+    def stop_chat_servers(self) -> None:
+        if self._chat_servers is not None:
+            self._chat_servers.stop_all()
+
+    def chat_targets(self, user: User, limit: int = 100) -> list[Run]:
+        """The user's runs one can chat with: succeeded LoRA/OFT runs whose adapter is there."""
+        from .serving import ChatServerError, check_servable
+
+        history, _ = self.search_runs(user, RunQuery(status=["succeeded"], limit=min(limit, 500)))
+        out = []
+        for run in history:
+            try:
+                check_servable(run)
+            except ChatServerError:
+                continue
+            out.append(run)
+        return out
+
+    def chat_stream(self, user: User, run_id: int, messages: list[dict[str, str]], **params: Any):
+        """Stream an answer of a run's model (the user's own run; admins any). Raises NotFound,
+        ChatServerError or InferenceError with a message for the person."""
+        run = self.get_run(user, run_id, purpose="chat")
+        servers = self.chat_servers
+        if servers.info(run.id) is None:
+            self.audit(user.username, "chat_load", f"run:{run.id}", "model server started for a chat")
+        return servers.stream_chat(run, messages, **params)
 
     def list_runs(self, user: User, limit: int = 500) -> list[Run]:
         with self.db.session() as s:

@@ -78,6 +78,7 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
             runs.poll_active()  # re-attach to jobs that ran on while the portal was down
             runs.start_supervisor()
         yield
+        runs.stop_chat_servers()  # no model server outlives the portal
         if supervise:
             runs.stop_supervisor()
 
@@ -114,6 +115,10 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
         def current_username(request: Request) -> str | None:
             # auth: none: one local user; only ever served on loopback (checked by `serve`).
             return local_user.username
+
+    from .gateway import build_gateway
+
+    app.include_router(build_gateway(runs, current_username))  # /v1: OpenAI-compatible, behind the same login
 
     @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
     async def security_headers(request: Request, call_next):

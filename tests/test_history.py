@@ -73,6 +73,15 @@ def test_filters_search_sort_and_paging(make_services, postgres_url, database):
                   created_to=seeded["start"] + timedelta(days=2, hours=1)) == ["full_faq"]
     page, total = runs.search_runs(ann, RunQuery(limit=3, offset=3))
     assert total == 4 and [r.name for r in page] == ["lora_faq_v1"]
+    import portal.run_query as run_query
+
+    cap = run_query.COUNT_CAP
+    run_query.COUNT_CAP = 2  # a large history: the total is counted up to the cap, then shown as "2+"
+    try:
+        page, total = runs.search_runs(ann, RunQuery(limit=1))
+        assert total == 3 and run_query.total_text(total) == "2+" and len(page) == 1
+    finally:
+        run_query.COUNT_CAP = cap
     for bad, words in [({"status": ["done"]}, "status 'done'"), ({"sort": "best"}, "sort 'best'"),
                        ({"limit": 0}, "limit"), ({"offset": -1}, "offset")]:
         with pytest.raises(ValueError, match=words):

@@ -1,4 +1,4 @@
-"""The portal's Blocks: Train, Data, Runs and (for admins) Admin tabs."""
+"""The portal's Blocks: Train, Data, Runs, Chat and (for admins) Admin tabs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from llamaboard_ext.form import form_defaults, llamaboard_css
 from ..runs import NotFound, RunService
 from ..users import UserAdmin
 from .admin import build_admin_tab
+from .chat import build_chat_tab
 from .common import current_user
 from .data import build_data_tab
 from .runs import build_runs_tab, run_number
@@ -41,6 +42,9 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
             data_tab.select(data_parts["refresh"], [data_parts["stage"]], data_parts["outputs"])
             with gr.Tab("Runs", id="runs"):
                 runs_tab = build_runs_tab(runs)
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                chat_parts = build_chat_tab(runs)
+            chat_tab.select(chat_parts["reload"], None, chat_parts["target"])
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 admin_parts = build_admin_tab(runs, UserAdmin(runs.db))
             admin_tab.select(admin_parts["refresh"], admin_parts["filters"], admin_parts["outputs"])

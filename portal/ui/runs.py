@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from ..models import Run, RunStatus
-from ..run_query import RunQuery
+from ..run_query import RunQuery, total_text
 from ..runs import NotFound, PortalError, RunService
 from .common import current_user
 
@@ -171,7 +171,7 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
             run.status_reason = f"{run.status_reason or ''} (metrics unavailable: {err})".strip()
         text_details = run_details(run, url)
         if total > len(history):
-            text_details += f"  \n_(the table shows the newest {len(history)} of {total} matching runs)_"
+            text_details += f"  \n_(the table shows the newest {len(history)} of {total_text(total)} matching runs)_"
         return (dropdown, table_value, text_details, curve_frame(points),
                 runs.logs(user, run.id, tail_bytes=20_000), run.config_yaml, picks)
 

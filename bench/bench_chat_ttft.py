@@ -1,0 +1,213 @@
+"""Chat time to first token: through the portal's /v1 gateway vs straight to the run's own server.
+
+usage: .venv/bin/python bench/bench_chat_ttft.py [--pairs 20] [--warmup 3] [--max-tokens 8] ...
+
+One tiny demo run is trained for real (RunService + the local launcher, a few steps), then the
+web app is built with `create_app(services, supervise=False)` in auth mode none and served by
+uvicorn in a thread on a free loopback port. Both sides are the `openai` client (one client
+each, made once, so both keep their connections alive), streaming the same request
+(stream=True, the same messages, temperature, top_p and max_tokens):
+
+  (a) portal: OpenAI(base_url=<portal>/v1) with model `run-<id>` -- the login guard and the
+      security layer, the gateway's checks, RunService.chat_stream (the run's row, the adapter
+      check), the portal's own HTTP client to the server and the re-encoded SSE stream all count;
+  (b) direct: OpenAI(base_url=<the run's server>/v1, api_key=<its key>) -- the Endpoint from
+      `services.runs.chat_servers.ensure(run)`: the same `llamafactory-cli api` process.
+
+Time to first token: from the create() call to the first chunk whose delta has non-empty
+content. Each answer is read to its end before the next request (an abandoned stream would
+keep the server generating during the next measurement). The first chat through the portal
+starts the run's server; it is timed on its own (the "cold" first token) and not counted. Then
+--warmup untimed requests per side, then --pairs pairs that alternate which side goes first.
+Budget: median(portal) / median(direct) <= 1.10. The chat servers are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+NAME = "chat_ttft"
+BUDGET_RATIO = 1.10
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Give three tips for staying healthy."}]
+
+
+class Served:
+    """An ASGI app under uvicorn in a daemon thread on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = C.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def one_chat(client, model: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed answer: seconds to the first non-empty content delta and to the end."""
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, stream=True, max_tokens=max_tokens,
+                                            temperature=0.7, top_p=0.9)
+    first = None
+    pieces: list[str] = []
+    for chunk in stream:
+        for choice in chunk.choices or []:
+            text = choice.delta.content if choice.delta else None
+            if text:
+                if first is None:
+                    first = time.perf_counter() - t0
+                pieces.append(text)
+    total = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError(f"{model}: the answer had no content ({len(pieces)} pieces)")
+    return {"ttft_s": first, "total_s": total, "pieces": len(pieces), "chars": len("".join(pieces))}
+
+
+def ms(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] * 1000 for r in rows]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": C.median(values), "p95": C.percentile(values, 95), "min": min(values), "max": max(values)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=20, help="portal/direct pairs measured (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed requests per side after the server start (3)")
+    p.add_argument("--max-tokens", type=int, default=8, help="max_tokens of each answer (default 8)")
+    p.add_argument("--epochs", type=float, default=1.0, help="training of the demo run (default 1)")
+    p.add_argument("--max-samples", type=int, default=16)
+    p.add_argument("--cutoff-len", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=300, help="the training, s")
+    p.add_argument("--keep", action="store_true", help="keep the temp data root")
+    opts = p.parse_args(argv)
+
+    from openai import OpenAI
+
+    from portal.web import create_app
+
+    started = time.monotonic()
+    C.log(f"{NAME}: {opts.pairs} pairs (+{opts.warmup} warm-up per side), max_tokens {opts.max_tokens}")
+    portal: list[dict[str, Any]] = []
+    direct: list[dict[str, Any]] = []
+    # one server, never stopped for idleness during the benchmark
+    with C.bench_env("chat", keep=opts.keep, chat_max_servers=1, chat_idle_seconds=3600.0) as env:
+        services = env["services"]
+        runs = services.runs
+        try:
+            user = runs.ensure_user("bench")
+            args = C.demo_args(env["demo_config"], num_train_epochs=float(opts.epochs), max_samples=opts.max_samples,
+                               cutoff_len=opts.cutoff_len)
+            t0 = time.monotonic()
+            run = runs.submit_args(user, args, name=f"bench_chat_{time.strftime('%H%M%S')}", source="bench")
+            run = runs.wait(user, run.id, timeout=opts.timeout, interval=0.2)
+            if run.status.value != "succeeded":
+                raise RuntimeError(f"run {run.id} {run.status.value}: {run.status_reason}\n"
+                                   + runs.logs(user, run.id)[-3000:])
+            train_s = time.monotonic() - t0
+            C.log(f"demo run {run.id} trained ({run.finetuning_type}, {train_s:.1f} s)")
+            model = f"run-{run.id}"
+
+            app = create_app(services, supervise=False)  # auth mode none: the local admin may chat with any run
+            with Served(app) as served:
+                via_portal = OpenAI(base_url=served.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+                listed = [m.id for m in via_portal.models.list().data]
+                if model not in listed:
+                    raise RuntimeError(f"GET /v1/models does not list {model}: {listed}")
+
+                # the first chat starts the run's server (llamafactory-cli api on the CPU)
+                cold = one_chat(via_portal, model, opts.max_tokens)
+                C.log(f"first chat through the portal (starts the run's server): first token after "
+                      f"{cold['ttft_s']:.2f} s, answer done after {cold['total_s']:.2f} s")
+                info = runs.chat_servers.info(run.id)
+                endpoint = runs.chat_servers.ensure(run)  # the running one: its URL, name and key
+                straight = OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0)
+
+                for _ in range(opts.warmup):
+                    one_chat(via_portal, model, opts.max_tokens)
+                    one_chat(straight, endpoint.model_name, opts.max_tokens)
+
+                with C.CpuMeter(job_pid=info.pid) as cpu:  # the server's CPU apart from other processes'
+                    for i in range(opts.pairs):
+                        order = ("portal", "direct") if i % 2 == 0 else ("direct", "portal")
+                        for side in order:
+                            if side == "portal":
+                                portal.append(one_chat(via_portal, model, opts.max_tokens))
+                            else:
+                                direct.append(one_chat(straight, endpoint.model_name, opts.max_tokens))
+                        C.log(f"pair {i + 1}/{opts.pairs}: first token portal {portal[-1]['ttft_s'] * 1000:.1f} ms, "
+                              f"direct {direct[-1]['ttft_s'] * 1000:.1f} ms")
+                if runs.chat_servers.info(run.id).pid != info.pid:
+                    raise RuntimeError("the run's server was restarted during the benchmark: figures are mixed")
+        finally:
+            runs.stop_chat_servers()
+        C.log("chat servers stopped")
+
+    p_ttft, d_ttft = summary(ms(portal, "ttft_s")), summary(ms(direct, "ttft_s"))
+    p_total, d_total = summary(ms(portal, "total_s")), summary(ms(direct, "total_s"))
+    ratio = p_ttft["median"] / d_ttft["median"] if d_ttft["median"] else float("nan")
+    pair_ratios = [a["ttft_s"] / b["ttft_s"] for a, b in zip(portal, direct)]
+    added = [(a["ttft_s"] - b["ttft_s"]) * 1000 for a, b in zip(portal, direct)]
+    ok = ratio <= BUDGET_RATIO
+    others_cores = cpu.others_cpu_s / cpu.wall_s if cpu.wall_s else float("nan")
+    total = time.monotonic() - started
+
+    print()
+    print(f"== {NAME}: time to first token, openai client -> portal /v1 vs -> the run's server, {opts.pairs} pairs ==")
+    print(f"  first chat (starts the run's server): first token after {cold['ttft_s']:.2f} s "
+          f"(answer done {cold['total_s']:.2f} s)")
+    print(f"  portal first token (ms): median {p_ttft['median']:.1f}, p95 {p_ttft['p95']:.1f}, "
+          f"min {p_ttft['min']:.1f}, max {p_ttft['max']:.1f}")
+    print(f"  direct first token (ms): median {d_ttft['median']:.1f}, p95 {d_ttft['p95']:.1f}, "
+          f"min {d_ttft['min']:.1f}, max {d_ttft['max']:.1f}")
+    print(f"  whole answer ({opts.max_tokens} tokens max, ms): median portal {p_total['median']:.1f}, "
+          f"direct {d_total['median']:.1f}")
+    print(f"  added by the portal per first token: median {C.median(added):+.1f} ms; "
+          f"median of the per-pair ratios {C.median(pair_ratios):.3f}")
+    print(f"  CPU during the pairs ({cpu.wall_s:.1f} s): this process (client + portal) {cpu.self_cpu_s:.2f} s, "
+          f"the run's server {cpu.job_cpu_s:.2f} s; other processes took {others_cores:.2f} cores "
+          f"(load average {cpu.load_before:.1f} -> {cpu.load_after:.1f})")
+    print(C.budget_line("ratio median(portal)/median(direct) TTFT", f"{ratio:.3f}", f"<= {BUDGET_RATIO}", ok))
+    print(f"  (wall time of this benchmark: {total:.0f} s, of which training {train_s:.0f} s)")
+
+    result = {
+        "params": vars(opts), "run_id": run.id, "train_s": train_s,
+        "first_chat_ttft_s": cold["ttft_s"], "first_chat_total_s": cold["total_s"],
+        "portal": portal, "direct": direct,
+        "portal_ttft_ms": p_ttft, "direct_ttft_ms": d_ttft, "portal_total_ms": p_total, "direct_total_ms": d_total,
+        "ratio": ratio, "budget_ratio": BUDGET_RATIO, "ok": ok,
+        "median_pair_ratio": C.median(pair_ratios), "median_added_ms": C.median(added),
+        "other_processes_cores": others_cores, "pairs_wall_s": cpu.wall_s, **cpu.as_dict(), "wall_s": total,
+    }
+    path = C.write_result(NAME, result)
+    print(f"  results: {os.path.relpath(path, C.ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""An OpenAI-compatible gateway on the portal: `/v1/models` and `/v1/chat/completions`.
+
+Any OpenAI client pointed at `<portal>/v1` chats with the signed-in user's runs (`run-<id>`).
+It sits behind the same login as every other route; the run's server, its port and its API key
+stay inside the portal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .inference import InferenceError
+from .runs import NotFound, PortalError, RunService
+
+RUN_MODEL = re.compile(r"^run-(\d+)$")
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{key} must be a number between {low} and {high}")
+    return value
+
+
+def build_gateway(runs: RunService, current_username: Callable[[Request], str | None]) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    def user_of(request: Request):
+        name = current_username(request)
+        if not name:
+            return None
+        return runs.user(name)
+
+    @router.get("/models")
+    def models(request: Request):
+        user = user_of(request)
+        if user is None:
+            return _error(401, "sign in first", "authentication_error")
+        data = [{"id": f"run-{run.id}", "object": "model", "created": int(run.created_at.timestamp()),
+                 "owned_by": run.owner, "name": run.name} for run in runs.chat_targets(user)]
+        return {"object": "list", "data": data}
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        user = user_of(request)
+        if user is None:
+            return _error(401, "sign in first", "authentication_error")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body must be JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        match = RUN_MODEL.match(str(body.get("model") or ""))
+        if not match:
+            return _error(404, f"model '{body.get('model')}' is not one of yours: GET /v1/models lists them",
+                          "not_found_error")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
+                ("system", "user", "assistant") for m in messages):
+            return _error(400, "messages must be a non-empty list of {role: system|user|assistant, content: text}")
+        try:
+            params = {"temperature": _number(body, "temperature", 0.7, 0, 2), "top_p": _number(body, "top_p", 0.9, 0, 1),
+                      "max_tokens": int(_number(body, "max_tokens", 512, 1, 8192))}
+        except ValueError as err:
+            return _error(400, str(err))
+        model = match.group(0)
+        try:
+            stream = runs.chat_stream(user, int(match.group(1)), messages, **params)
+            # the first token may wait for the run's server to start: off the event loop; errors
+            # before it become an HTTP error
+            first = await run_in_threadpool(next, stream, None)
+        except NotFound:
+            return _error(404, f"model '{model}' is not one of yours: GET /v1/models lists them", "not_found_error")
+        except (PortalError, InferenceError) as err:
+            return _error(503, str(err), "server_error")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        if not body.get("stream"):
+            try:
+                text = "".join([first or "", *await run_in_threadpool(list, stream)])
+            except InferenceError as err:
+                return _error(503, str(err), "server_error")
+            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}]}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                          "model": model, "choices": [{"index": 0, "delta": delta,
+                                                                       "finish_reason": finish}]}) + "\n\n"
+
+        def events():
+            yield chunk({"role": "assistant", "content": ""})
+            if first:
+                yield chunk({"content": first})
+            try:
+                for delta in stream:
+                    yield chunk({"content": delta})
+            except InferenceError as err:  # mid-answer: the client gets the reason, not a silent end
+                yield "data: " + json.dumps({"error": {"message": str(err), "type": "server_error"}}) + "\n\n"
+                return
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return router
+

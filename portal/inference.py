@@ -1,0 +1,190 @@
+"""A small client for OpenAI-compatible chat servers (vLLM, ``llamafactory-cli api``).
+
+``base_url`` follows the OpenAI convention and ends with ``/v1``
+(``http://127.0.0.1:8000/v1``). Every failure becomes one exception, ``InferenceError``, whose
+message says what happened and what to do, in words a user of the Chat tab can act on. The
+API key goes in the Authorization header only: never into a message, an exception or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0  # seconds to wait for the first byte and between streamed chunks
+CONNECT_TIMEOUT = 5.0  # a loopback or in-cluster server accepts at once, or is not there
+# how servers say a prompt does not fit: vLLM ("maximum context length", "max_model_len"),
+# OpenAI ("context_length_exceeded"), TGI and others ("too long", "exceeds")
+CONTEXT_WORDS = ("context length", "context_length", "max_model_len", "maximum context", "too long",
+                 "exceeds the model", "input length")
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+class InferenceError(RuntimeError):
+    """A chat request failed; the message is meant for the user."""
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _timeout(timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout))
+
+
+def _url(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + path
+
+
+def _scrub(text: str, api_key: str | None) -> str:
+    # a server may echo a request back in its error text; the key must not travel on with it
+    return text.replace(api_key, "***") if api_key else text
+
+
+def _server_detail(response: httpx.Response) -> str:
+    """The server's own words from an error body: FastAPI ``detail``, vLLM ``message``, OpenAI ``error.message``."""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return response.text.strip()[:500]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:500]
+        for key in ("detail", "message", "error"):
+            if body.get(key):
+                value = body[key]
+                return (value if isinstance(value, str) else json.dumps(value))[:500]
+    return json.dumps(body)[:500]
+
+
+def _transport_error(err: httpx.HTTPError, base_url: str, timeout: float, *, during_answer: bool) -> InferenceError:
+    if isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return InferenceError(f"the model server is not running: nothing answers at {base_url} ({type(err).__name__}). "
+                              "If it was just stopped, send the message again to start it.")
+    if isinstance(err, httpx.TimeoutException):
+        return InferenceError(f"the model server did not answer within {timeout:g} s: it may be busy with other "
+                              "requests or slow on this machine; try again, or ask for fewer new tokens")
+    if during_answer or isinstance(err, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return InferenceError("the model server stopped in the middle of the answer (the connection closed); "
+                              "send the message again — the server is restarted if it went down")
+    return InferenceError(f"could not talk to the model server at {base_url}: {type(err).__name__}: {err}")
+
+
+def _status_error(response: httpx.Response, base_url: str, model: str | None, api_key: str | None,
+                  timeout: float) -> InferenceError:
+    detail = _scrub(_server_detail(response), api_key)
+    code = response.status_code
+    if code in (401, 403):
+        return InferenceError(f"the model server refused the portal's credentials (HTTP {code}); "
+                              "an admin must check the endpoint's API key")
+    if code == 404 and model is not None and ("model" in detail.lower() or not detail):
+        served = ""
+        try:  # say what it does serve: usually the fix is obvious from that
+            names = list_models(base_url, api_key=api_key, timeout=min(timeout, 10.0))
+            served = f" (it serves: {', '.join(names) or 'nothing'})"
+        except InferenceError:
+            pass
+        return InferenceError(f"model '{model}' is not loaded on this server{served}; "
+                              "start a chat with the run again so the portal loads it")
+    if code == 404:
+        return InferenceError(f"the model server has no such endpoint ({response.request.url.path}): "
+                              f"check that the base URL {base_url} ends with /v1")
+    if code == 400 and any(word in detail.lower() for word in CONTEXT_WORDS):
+        return InferenceError("the conversation is longer than the model's context: clear it or shorten your "
+                              f"messages, or ask for fewer new tokens (server: {detail})")
+    if code in (400, 422):
+        return InferenceError(f"the model server refused the request: {detail}")
+    if code in (429, 503):
+        return InferenceError(f"the model server is overloaded (HTTP {code}): try again in a moment ({detail})")
+    return InferenceError(f"the model server failed (HTTP {code}): {detail}")
+
+
+def list_models(base_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> list[str]:
+    """The model names the server answers to (``GET /models``)."""
+    try:
+        response = httpx.get(_url(base_url, "/models"), headers=_headers(api_key), timeout=_timeout(timeout))
+    except httpx.HTTPError as err:
+        raise _transport_error(err, base_url, timeout, during_answer=False) from None
+    if response.status_code != 200:
+        raise _status_error(response, base_url, None, api_key, timeout)
+    try:
+        return [str(entry["id"]) for entry in response.json().get("data", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InferenceError(f"{base_url} answered /models with something that is not an OpenAI model list") from None
+
+
+def _request_body(model: str, messages: Sequence[Message], temperature: float, top_p: float, max_tokens: int,
+                  stream: bool) -> dict[str, Any]:
+    if not messages:
+        raise InferenceError("there is no message to send")
+    return {"model": model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stream": stream}
+
+
+def stream_chat(base_url: str, model: str, messages: Sequence[Message], *, temperature: float = 0.7,
+                top_p: float = 0.9, max_tokens: int = 512, api_key: str | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> Iterator[str]:
+    """Yield the answer's text pieces as the server streams them (``stream: true``, SSE).
+
+    ``timeout`` bounds the wait for the first byte and for each following chunk, not the whole
+    answer. An answer that ends without the server's ``[DONE]`` raises: a half answer must not
+    look like a whole one.
+    """
+    body = _request_body(model, messages, temperature, top_p, max_tokens, stream=True)
+    log.debug("streamed chat: %s model=%s messages=%d", base_url, model, len(messages))
+    answering = False
+    try:
+        with httpx.stream("POST", _url(base_url, "/chat/completions"), json=body, headers=_headers(api_key),
+                          timeout=_timeout(timeout)) as response:
+            if response.status_code != 200:
+                response.read()
+                raise _status_error(response, base_url, model, api_key, timeout)
+            answering = True
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # SSE comments, event names, keep-alives, blank separators
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise InferenceError("the model server sent a malformed piece of the answer") from None
+                if isinstance(chunk, dict) and chunk.get("error"):  # vLLM reports late failures in-stream
+                    error = chunk["error"]
+                    text = error.get("message") if isinstance(error, dict) else str(error)
+                    raise InferenceError(f"the model server failed while answering: {_scrub(str(text), api_key)}")
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        yield delta
+    except httpx.HTTPError as err:
+        raise _transport_error(err, base_url, timeout, during_answer=answering) from None
+    raise InferenceError("the model server stopped in the middle of the answer (it ended without finishing); "
+                         "send the message again — the server is restarted if it went down")
+
+
+def chat(base_url: str, model: str, messages: Sequence[Message], *, temperature: float = 0.7, top_p: float = 0.9,
+         max_tokens: int = 512, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The whole answer in one piece (``stream: false``)."""
+    body = _request_body(model, messages, temperature, top_p, max_tokens, stream=False)
+    log.debug("chat: %s model=%s messages=%d", base_url, model, len(messages))
+    try:
+        response = httpx.post(_url(base_url, "/chat/completions"), json=body, headers=_headers(api_key),
+                              timeout=_timeout(timeout))
+    except httpx.HTTPError as err:
+        raise _transport_error(err, base_url, timeout, during_answer=False) from None
+    if response.status_code != 200:
+        raise _status_error(response, base_url, model, api_key, timeout)
+    try:
+        return str(response.json()["choices"][0]["message"]["content"] or "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise InferenceError("the model server answered with something that is not an OpenAI chat completion") from None

@@ -1,0 +1,495 @@
+"""Local chat servers: an OpenAI-compatible server per run, started on demand on this machine.
+
+The embedded default of "chat with a run" (production talks to a shared vLLM instead). For a
+run, ``LocalChatServers.ensure`` starts ``llamafactory-cli api`` on the run's base model and
+adapter through the local launcher (a process-group leader, like a training job), waits until
+it answers, and hands back the endpoint; later messages reuse it. Servers are stopped when
+idle for ``idle_seconds``, when a new one needs the slot of the least recently used
+(``max_servers``), on request, and when the portal exits. A portal that died without stopping
+them stops them the next time it starts (their state files under ``state_dir``).
+
+Who may chat with which run is decided before this module: callers pass a Run they got from
+``RunService.get_run(user, run_id)``. Paths come from the Run row, never from the user.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+from llamaboard_ext import compile as lbc
+
+from . import inference
+from .launchers import JobSpec, LaunchError
+from .launchers.local import LocalLauncher
+from .models import Run, RunStatus
+from .runs import PortalError, llamafactory_cli
+
+log = logging.getLogger(__name__)
+
+SERVER_DIR = "chat-server"  # <run dir>/chat-server/: the server's args and exit code (apart from the job's)
+SERVER_LOG = "chat-server.log"  # <run dir>/chat-server.log
+ARGS_FILE = "args.yaml"
+START_MARKER = "---- chat server starting"  # each start appends one; failures show the log from the last one
+ADAPTER_TYPES = ("lora", "oft")  # methods whose output_dir is an adapter on top of the base model
+
+
+class ChatServerError(PortalError):
+    """A chat server could not be started or used; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str  # http://127.0.0.1:<port>/v1
+    model_name: str  # run-<id>
+    api_key: str | None = field(default=None, repr=False)  # portal-side only: never shown to a browser
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What an admin page may show about one running server (no key)."""
+
+    run_id: int
+    owner: str
+    base_url: str
+    model_name: str
+    pid: int
+    started_at: float  # time.time()
+    last_used: float  # time.time()
+    busy: int  # answers being streamed now
+
+
+@dataclass
+class _Server:
+    run_id: int
+    owner: str
+    endpoint: Endpoint
+    state: dict[str, Any]  # the launcher's: pid, create_time, exit_file
+    started_at: float
+    last_used: float
+    busy: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process_alive(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) <= 0.5 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_group_leftovers(state: dict[str, Any]) -> None:
+    """Kill what is left of a server's process group after its leader died.
+
+    The launcher refuses to signal a group whose leader is gone (the pid could be anyone's by
+    now), so a server whose wrapper was killed alone would keep running. Only processes in
+    that group and started no earlier than the leader are ours.
+    """
+    pgid, born = int(state.get("pid", 0)), float(state.get("create_time", 0.0))
+    if not pgid:
+        return
+    try:
+        if abs(psutil.Process(pgid).create_time() - born) > 0.5:
+            return  # the pid is another process's now: the group is not ours
+    except psutil.Error:
+        pass  # leader gone: while members of its group live, its pid is not given to anyone else
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid and proc.info["create_time"] >= born - 0.5:
+                proc.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error, OSError):
+            continue
+
+
+def _reap(state: dict[str, Any], within: float = 5.0) -> None:
+    """Wait for a dead server's leader if it is this process's child (a zombie keeps its process
+    group alive); other processes are reaped by their own parent."""
+    pid = state.get("pid")
+    if not pid:
+        return
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(int(pid), os.WNOHANG)
+        except ChildProcessError:
+            return  # not our child, or already reaped
+        if done:
+            return
+        time.sleep(0.05)
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_servable(run: Run) -> None:
+    """Raise ChatServerError unless the run finished with an adapter this module can serve."""
+    status = run.status.value if isinstance(run.status, RunStatus) else str(run.status)
+    if status != RunStatus.succeeded.value:
+        raise ChatServerError(f"run {run.id} ({run.name}) has status '{status}': only runs that succeeded can be "
+                              "chatted with")
+    if run.finetuning_type not in ADAPTER_TYPES:
+        raise ChatServerError(f"run {run.id} ({run.name}) trained with finetuning_type '{run.finetuning_type}': "
+                              f"chat serves adapters ({', '.join(ADAPTER_TYPES)}) for now; export the model "
+                              "and add it to the model catalog to chat with it")
+    if run.stage == "rm":
+        raise ChatServerError(f"run {run.id} ({run.name}) is a reward model: it scores answers and cannot chat")
+    adapter = Path(run.output_dir) if run.output_dir else None
+    if adapter is None or not (adapter / "adapter_config.json").is_file():
+        raise ChatServerError(f"the adapter of run {run.id} ({run.name}) is missing from its output folder: "
+                              "it may have been deleted; train the run again (clone it)")
+
+
+class LocalChatServers:
+    """The chat servers of one portal process. Thread-safe: two users asking for the same run
+    at once get one server."""
+
+    def __init__(self, state_dir: str | os.PathLike, *, launcher: LocalLauncher | None = None,
+                 max_servers: int = 2, idle_seconds: float = 900.0, start_timeout: float = 300.0,
+                 stop_grace_seconds: float = 5.0, gpu_ids: Sequence[int] = ()):
+        if max_servers < 1:
+            raise ValueError("max_servers must be at least 1")
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.launcher = launcher or LocalLauncher()
+        self.max_servers = max_servers
+        self.idle_seconds = idle_seconds
+        self.start_timeout = start_timeout
+        self.stop_grace_seconds = stop_grace_seconds
+        self.gpu_ids = list(gpu_ids)  # [] runs servers on the CPU
+        self._servers: dict[int, _Server] = {}
+        self._starting: set[int] = set()  # run ids whose server is starting: they hold a slot
+        self._run_locks: dict[int, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._me = self._portal_identity()
+        self.stop_leftovers()
+        atexit.register(self.stop_all)
+
+    # ---- public --------------------------------------------------------------------------
+    def ensure(self, run: Run, *, template: str | None = None) -> Endpoint:
+        """The endpoint of the run's server: the running one, else a new one once it answers.
+
+        ``template``: LLaMA-Factory chat template; None takes the one the run trained with.
+        """
+        check_servable(run)
+        if self._closed.is_set():
+            raise ChatServerError("the portal is shutting down: chat is not available")
+        with self._lock:
+            run_lock = self._run_locks.setdefault(run.id, threading.Lock())
+        with run_lock:  # one start per run; other runs start in parallel
+            server = self._servers.get(run.id)
+            if server is not None:
+                if self.launcher.is_alive(server.state):
+                    server.last_used = time.time()
+                    return server.endpoint
+                log.warning("chat server of run %s (pid %s) died; starting a new one", run.id, server.state.get("pid"))
+                self._forget(run.id)
+                _kill_group_leftovers(server.state)
+                _reap(server.state)
+            for victim in self._take_slot(run.id):
+                self._stop_server(victim, "making room for another run's chat server")
+            try:
+                server = self._start(run, template)
+            finally:
+                with self._lock:
+                    self._starting.discard(run.id)
+            with self._lock:
+                closing = self._closed.is_set()  # stop_all ran while this server was starting
+                if not closing:
+                    self._servers[run.id] = server
+            if closing:
+                self._stop_server(server, "the portal is stopping")
+                raise ChatServerError("the portal is shutting down: chat is not available")
+            self._start_reaper()
+            return server.endpoint
+
+    def touch(self, run_id: int) -> None:
+        """Mark the run's server as used now (the idle clock restarts)."""
+        with self._lock:
+            server = self._servers.get(run_id)
+            if server is not None:
+                server.last_used = time.time()
+
+    def stream_chat(self, run: Run, messages: Sequence[inference.Message], *, template: str | None = None,
+                    temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 512,
+                    timeout: float = inference.DEFAULT_TIMEOUT) -> Iterator[str]:
+        """Ensure the run's server and stream an answer from it. While it streams the server
+        is neither idle-stopped nor evicted for another run."""
+        endpoint = self.ensure(run, template=template)
+        with self._in_use(run.id):
+            yield from inference.stream_chat(endpoint.base_url, endpoint.model_name, messages,
+                                             temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                             api_key=endpoint.api_key, timeout=timeout)
+
+    def stop(self, run_id: int) -> bool:
+        """Stop the run's server (after its start, if one is under way); False when none was running."""
+        with self._lock:
+            run_lock = self._run_locks.setdefault(run_id, threading.Lock())
+        with run_lock, self._lock:
+            server = self._servers.pop(run_id, None)
+        if server is None:
+            return False
+        self._stop_server(server, "stopped on request")
+        return True
+
+    def stop_all(self) -> None:
+        """Stop the reaper and every server (portal shutdown; registered with atexit)."""
+        self._closed.set()
+        with self._lock:
+            servers = list(self._servers.values())
+            self._servers.clear()
+        for server in servers:
+            self._stop_server(server, "the portal is stopping")
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            self._reaper.join(timeout=10)
+
+    def running(self) -> list[ServerInfo]:
+        with self._lock:
+            servers = list(self._servers.values())
+        return [ServerInfo(run_id=s.run_id, owner=s.owner, base_url=s.endpoint.base_url,
+                           model_name=s.endpoint.model_name, pid=int(s.state["pid"]), started_at=s.started_at,
+                           last_used=s.last_used, busy=s.busy) for s in servers]
+
+    def info(self, run_id: int) -> ServerInfo | None:
+        return next((info for info in self.running() if info.run_id == run_id), None)
+
+    def stop_leftovers(self) -> int:
+        """Stop servers recorded by portal processes that are gone (killed, crashed); returns how many."""
+        stopped = 0
+        for path in sorted(self.state_dir.glob("run-*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            portal = record.get("portal", {})
+            if portal == self._me or _process_alive(int(portal.get("pid", 0)), float(portal.get("create_time", 0))):
+                continue  # ours, or another live portal process's
+            state = record.get("state", {})
+            if self.launcher.is_alive(state):
+                log.info("stopping the chat server of run %s left by portal process %s", record.get("run_id"),
+                         portal.get("pid"))
+                self.launcher.stop(state, self.stop_grace_seconds)
+                stopped += 1
+            _kill_group_leftovers(state)
+            path.unlink(missing_ok=True)
+        return stopped
+
+    # ---- starting ------------------------------------------------------------------------
+    def _take_slot(self, run_id: int) -> list[_Server]:
+        """Reserve a slot for the run's new server; returns the servers to stop for it (LRU)."""
+        with self._lock:
+            victims: list[_Server] = []
+            while len(self._servers) + len(self._starting) >= self.max_servers:
+                idle = [s for s in self._servers.values() if s.busy == 0]
+                if not idle:
+                    raise ChatServerError(f"all {self.max_servers} chat server slot(s) are in use right now: "
+                                          "try again in a minute, or ask an admin for more")
+                victim = min(idle, key=lambda s: s.last_used)
+                del self._servers[victim.run_id]
+                victims.append(victim)
+            self._starting.add(run_id)
+            return victims
+
+    def server_args(self, run: Run, template: str | None) -> dict[str, Any]:
+        """The arguments of ``llamafactory-cli api`` for the run, all from the Run row."""
+        try:
+            trained = lbc.yaml_to_args(run.config_yaml) if run.config_yaml else {}
+        except lbc.YamlError:
+            trained = {}
+        template = template or trained.get("template")
+        if not template:
+            raise ChatServerError(f"run {run.id} ({run.name}) names no chat template in its config: choose one")
+        args: dict[str, Any] = {
+            "model_name_or_path": run.model_name_or_path,
+            "adapter_name_or_path": run.output_dir,
+            "template": template,
+            "finetuning_type": run.finetuning_type,
+            # vLLM needs a GPU; the huggingface backend runs anywhere
+            "infer_backend": "vllm" if self.gpu_ids and vllm_installed() else "huggingface",
+        }
+        if trained.get("trust_remote_code"):  # approved by an admin for that model when the run was submitted
+            args["trust_remote_code"] = True
+        if not self.gpu_ids:
+            # "auto" means float32 on a CPU in 0.9.5 too; written out so that the args file says
+            # what ran, whatever a later LLaMA-Factory's "auto" picks
+            args["infer_dtype"] = "float32"
+        return args
+
+    def _start(self, run: Run, template: str | None) -> _Server:
+        args = self.server_args(run, template)
+        workdir = Path(run.run_dir) / SERVER_DIR
+        workdir.mkdir(parents=True, exist_ok=True)
+        args_file = workdir / ARGS_FILE
+        args_file.write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        log_path = Path(run.run_dir) / SERVER_LOG
+        model_name = f"run-{run.id}"
+        # a fresh key per server: other local users of this machine can reach loopback ports too
+        api_key = secrets.token_urlsafe(32)
+        for attempt in (1, 2):  # a port taken between choosing and binding: once more on another
+            port = _free_port()
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"\n{START_MARKER} {datetime.now(UTC).isoformat(timespec='seconds')} "
+                         f"on 127.0.0.1:{port} ----\n")
+            spec = JobSpec(run_id=run.id, name=f"chat-{run.name}", owner=run.owner, workdir=workdir,
+                           log_path=log_path, argv=[llamafactory_cli(), "api", str(args_file)], gpu_ids=self.gpu_ids,
+                           env={"API_HOST": "127.0.0.1", "API_PORT": str(port), "API_MODEL_NAME": model_name,
+                                "API_KEY": api_key})
+            started = time.monotonic()
+            try:
+                state = self.launcher.start(spec)
+            except LaunchError as err:
+                raise ChatServerError(f"could not start the chat server of run {run.id}: {err}") from err
+            now = time.time()
+            server = _Server(run_id=run.id, owner=run.owner, state=state, started_at=now, last_used=now,
+                             endpoint=Endpoint(f"http://127.0.0.1:{port}/v1", model_name, api_key))
+            self._write_record(server)
+            try:
+                self._wait_ready(server, log_path)
+            except ChatServerError as err:
+                self._stop_server(server, "it did not start")
+                if attempt == 1 and "address already in use" in str(err).lower():
+                    continue
+                raise
+            log.info("chat server of run %s ready on port %s in %.1f s (pid %s)", run.id, port,
+                     time.monotonic() - started, state["pid"])
+            return server
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self, server: _Server, log_path: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        headers = {"Authorization": f"Bearer {server.endpoint.api_key}"}
+        url = server.endpoint.base_url + "/models"
+        while True:
+            ended = self.launcher.poll(server.state)
+            if ended.exit_code is not None:
+                raise ChatServerError(f"the chat server of run {server.run_id} stopped while starting "
+                                      f"({ended.reason or 'exit code 0'}); the end of {log_path.name}:\n"
+                                      f"{self._log_tail(log_path)}")
+            try:
+                if httpx.get(url, headers=headers, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet: loading the model
+            if time.monotonic() > deadline:
+                raise ChatServerError(f"the chat server of run {server.run_id} did not answer within "
+                                      f"{self.start_timeout:g} s (a big model loads slowly; an admin can raise the "
+                                      f"start timeout); the end of {log_path.name}:\n{self._log_tail(log_path)}")
+            time.sleep(0.25)
+
+    def _log_tail(self, log_path: Path, lines: int = 25) -> str:
+        text = self.launcher.logs({}, log_path, tail_bytes=32_000)
+        text = text.rsplit(START_MARKER, 1)[-1].split("\n", 1)[-1]  # this start's output only
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    # ---- stopping ------------------------------------------------------------------------
+    def _stop_server(self, server: _Server, why: str) -> None:
+        began = time.monotonic()
+        try:
+            self.launcher.stop(server.state, self.stop_grace_seconds)
+        finally:
+            _kill_group_leftovers(server.state)
+            # stop() may return while the leader is a zombie not yet waited for (it counts
+            # zombies as gone); nothing polls a chat server later, so wait for it here
+            self.launcher.is_alive(server.state)
+            self._record_path(server.run_id).unlink(missing_ok=True)
+        log.info("stopped the chat server of run %s (pid %s) in %.1f s: %s", server.run_id, server.state.get("pid"),
+                 time.monotonic() - began, why)
+
+    def _forget(self, run_id: int) -> None:
+        with self._lock:
+            self._servers.pop(run_id, None)
+        self._record_path(run_id).unlink(missing_ok=True)
+
+    @contextmanager
+    def _in_use(self, run_id: int):
+        with self._lock:
+            server = self._servers.get(run_id)
+            if server is not None:
+                server.busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                if server is not None:
+                    server.busy -= 1
+                    server.last_used = time.time()
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is not None and self._reaper.is_alive():
+                return
+            self._reaper = threading.Thread(target=self._reap_loop, name="chat-server-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while not self._closed.is_set():
+            # a quarter of the idle time: a server is stopped at most 25 % later than due
+            self._closed.wait(max(0.2, min(30.0, self.idle_seconds / 4)))
+            try:
+                self.reap_idle()
+            except Exception:  # keep reaping; the next tick retries
+                log.exception("chat server reaper tick failed")
+
+    def reap_idle(self) -> int:
+        """Stop servers idle longer than ``idle_seconds`` and forget dead ones; returns how many."""
+        now = time.time()
+        due: list[tuple[_Server, str]] = []
+        with self._lock:
+            for server in list(self._servers.values()):
+                if not self.launcher.is_alive(server.state):
+                    due.append((server, "it died"))
+                elif server.busy == 0 and now - server.last_used > self.idle_seconds:
+                    due.append((server, f"idle for more than {self.idle_seconds:g} s"))
+            for server, _ in due:
+                del self._servers[server.run_id]
+        for server, why in due:
+            self._stop_server(server, why)
+        return len(due)
+
+    # ---- state files (a portal killed without atexit leaves servers behind) ---------------
+    @staticmethod
+    def _portal_identity() -> dict[str, Any]:
+        try:
+            create_time = psutil.Process(os.getpid()).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        return {"pid": os.getpid(), "create_time": create_time}
+
+    def _record_path(self, run_id: int) -> Path:
+        return self.state_dir / f"run-{run_id}.json"
+
+    def _write_record(self, server: _Server) -> None:
+        # no API key here: a server left by a dead portal is stopped, never re-adopted
+        record = {"run_id": server.run_id, "portal": self._me, "state": server.state,
+                  "base_url": server.endpoint.base_url, "started_at": server.started_at}
+        path = self._record_path(server.run_id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, path)
+

@@ -1,0 +1,84 @@
+"""Chat with a run: the portal's service, its OpenAI-compatible /v1 gateway (with the openai
+client) and the Chat tab in headless Chromium, against a real `llamafactory-cli api` serving the
+trained run's adapter."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ARTIFACTS, _ServerThread, free_port, launch_chromium
+from sqlmodel import select
+
+from portal.models import AuditEvent
+from portal.runs import NotFound
+
+
+@pytest.fixture(scope="module")
+def chat_portal(trained):
+    from portal.web import create_app
+
+    services = trained["services"]
+    app = create_app(services, supervise=False)
+    with _ServerThread(app, free_port()) as server:
+        yield {"url": server.url, **trained}
+    services.runs.stop_chat_servers()
+
+
+def test_service_streams_and_keeps_runs_private(chat_portal):
+    runs, alice, run = chat_portal["services"].runs, chat_portal["user"], chat_portal["run"]
+    assert run.id in [r.id for r in runs.chat_targets(alice)]
+    deltas = list(runs.chat_stream(alice, run.id, [{"role": "user", "content": "hello"}], max_tokens=8))
+    assert deltas and "".join(deltas)
+    bob = runs.ensure_user("bob_chat")
+    assert run.id not in [r.id for r in runs.chat_targets(bob)]
+    with pytest.raises(NotFound):
+        next(iter(runs.chat_stream(bob, run.id, [{"role": "user", "content": "hi"}])))
+    with chat_portal["services"].db.session() as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.target == f"run:{run.id}")).all()
+    assert any(e.action == "chat_load" and e.username == "alice" for e in events)
+    assert any(e.action == "denied" and e.username == "bob_chat" for e in events)
+
+
+def test_gateway_speaks_openai(chat_portal):
+    from openai import NotFoundError, OpenAI
+
+    run = chat_portal["run"]
+    client = OpenAI(base_url=chat_portal["url"] + "/v1", api_key="unused-on-loopback")
+    assert f"run-{run.id}" in [m.id for m in client.models.list().data]
+    stream = client.chat.completions.create(model=f"run-{run.id}", stream=True, max_tokens=8,
+                                            messages=[{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": "hello"},
+                                                      {"role": "user", "content": "again"}])
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces)
+    reply = client.chat.completions.create(model=f"run-{run.id}", max_tokens=8,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="run-999999", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.browser
+def test_chat_tab_streams_an_answer(chat_portal):
+    from playwright.sync_api import expect, sync_playwright
+
+    run = chat_portal["run"]
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        try:
+            page.goto(chat_portal["url"] + "/ui/")
+            page.get_by_role("tab", name="Chat").click()
+            box = page.locator("#chat-target input")
+            box.click()
+            page.get_by_role("option", name=f"run-{run.id} · {run.name}", exact=False).first.click()
+            page.locator("#chat-max-tokens input[type=number]").fill("8")
+            page.locator("#chat-message textarea").fill("Hello there")
+            page.locator("#chat-message textarea").press("Enter")
+            history = page.locator("#chat-history")
+            expect(history).to_contain_text("Hello there", timeout=30_000)
+            expect(history.locator("[data-testid=bot]").first).not_to_be_empty(timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "chat-tab.png"), full_page=True)
+        finally:
+            browser.close()
