@@ -87,6 +87,9 @@ class _Server:
     busy: int = 0
 
 
+PROBE_TIMEOUT_SECONDS = 3.0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,6 +125,16 @@ def _kill_group_leftovers(state: dict[str, Any]) -> None:
                 proc.kill()
         except (ProcessLookupError, PermissionError, psutil.Error, OSError):
             continue
+
+
+def _answers(endpoint: Endpoint) -> bool:
+    """The server itself answers (its job wrapper may outlive a killed model process for a moment).
+    Not asked of a server that is streaming an answer: it may be too busy to reply in time."""
+    try:
+        inference.list_models(endpoint.base_url, endpoint.api_key, timeout=PROBE_TIMEOUT_SECONDS)
+    except inference.InferenceError:
+        return False
+    return True
 
 
 def _reap(state: dict[str, Any], within: float = 5.0) -> None:
@@ -204,12 +217,13 @@ class LocalChatServers:
         with run_lock:  # one start per run; other runs start in parallel
             server = self._servers.get(run.id)
             if server is not None:
-                if self.launcher.is_alive(server.state):
+                if self.launcher.is_alive(server.state) and (server.busy or _answers(server.endpoint)):
                     server.last_used = time.time()
                     return server.endpoint
                 log.warning("chat server of run %s (pid %s) died; starting a new one", run.id, server.state.get("pid"))
                 self._forget(run.id)
                 _kill_group_leftovers(server.state)
+                self.launcher.is_alive(server.state)  # waits for the leader if it is our child
                 _reap(server.state)
             for victim in self._take_slot(run.id):
                 self._stop_server(victim, "making room for another run's chat server")
