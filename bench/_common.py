@@ -237,3 +237,31 @@ class CpuMeter:
                 "cpu_running_job_s": self.job_cpu_s,
                 "cpu_machine_busy_s": self.machine_busy_cpu_s, "cpu_other_processes_s": self.others_cpu_s,
                 "loadavg_1m_before": self.load_before, "loadavg_1m_after": self.load_after}
+
+
+class Served:
+    """An ASGI app under uvicorn in a daemon thread on a free loopback port."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

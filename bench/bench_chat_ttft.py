@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,32 +38,6 @@ NAME = "chat_ttft"
 BUDGET_RATIO = 1.10
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Give three tips for staying healthy."}]
-
-
-class Served:
-    """An ASGI app under uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = C.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def one_chat(client, model: str, max_tokens: int) -> dict[str, Any]:
@@ -134,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = f"run-{run.id}"
 
             app = create_app(services, supervise=False)  # auth mode none: the local admin may chat with any run
-            with Served(app) as served:
+            with C.Served(app) as served:
                 via_portal = OpenAI(base_url=served.url + "/v1", api_key="unused-on-loopback", max_retries=0)
                 listed = [m.id for m in via_portal.models.list().data]
                 if model not in listed:

@@ -32,7 +32,6 @@ import http.cookiejar
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,32 +55,6 @@ def remove_layer(app) -> None:
              if m.cls is BaseHTTPMiddleware and getattr(m.kwargs.get("dispatch"), "__name__", None) == LAYER]
     assert len(found) == 1, f"expected one '{LAYER}' middleware, found {len(found)} in {app.user_middleware}"
     app.user_middleware.remove(found[0])
-
-
-class Served:
-    """An ASGI app under uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = C.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 def oidc_login(url: str, issuer: str) -> str:
@@ -168,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      oidc_client_secret="bench-secret")
             apps["oidc"] = create_app(build_services(oidc_settings), supervise=False)
         C.log(f"{len(apps)} apps built ({time.monotonic() - t0:.1f} s)")
-        servers = {v: stack.enter_context(Served(app)) for v, app in apps.items()}
+        servers = {v: stack.enter_context(C.Served(app)) for v, app in apps.items()}
         targets = {v: {"url": s.url, "headers": {}} for v, s in servers.items()}
         if "oidc" in targets:  # the session goes in a header: the client stores no cookie (all apps are 127.0.0.1)
             targets["oidc"]["headers"] = {"cookie": f"portal_session={oidc_login(servers['oidc'].url, issuer)}"}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 from unittest import mock
 
 import gradio as gr
-from llamafactory.extras.constants import PEFT_METHODS, STAGES_USE_PAIR_DATA, TRAINING_STAGES
+from llamafactory.extras.constants import PEFT_METHODS
 from llamafactory.webui import common as lf_common
 from llamafactory.webui.components import data as lf_data
 from llamafactory.webui.components import top as lf_top
@@ -30,6 +30,7 @@ from llamafactory.webui.locales import LOCALES
 from llamafactory.webui.manager import Manager
 
 from .compile import FormError
+from .stages import uses_pair_data
 
 # LLaMA Board functions that only compute from their inputs: safe to keep bound.
 ALLOWED_LLAMABOARD_HANDLERS = frozenset({
@@ -178,13 +179,13 @@ class _FormBinder:
         return gr.Dropdown(choices=choices, multiselect=finetuning_type in PEFT_METHODS)
 
     def list_datasets(self, dataset_dir: str, training_stage: str, request: gr.Request):
-        ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
+        ranking = bool(uses_pair_data(training_stage))
         return gr.Dropdown(choices=self.backend.dataset_choices(self.backend.user_of(request), ranking))
 
     def change_stage(self, training_stage: str, request: gr.Request):
         """LLaMA Board clears the datasets on a stage change, which also wipes a loaded config's
         datasets; here the choices follow the stage and the chosen datasets stay."""
-        ranking = TRAINING_STAGES.get(training_stage) in STAGES_USE_PAIR_DATA
+        ranking = bool(uses_pair_data(training_stage))
         return gr.Dropdown(choices=self.backend.dataset_choices(self.backend.user_of(request), ranking)), gr.update()
 
     def list_output_dirs(self, model_name: str, finetuning_type: str, current_time: str):
