@@ -269,7 +269,7 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
     @app.middleware("http")
     async def require_session(request: Request, call_next):
         path = request.url.path
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or getattr(request.state, "token_auth", False):  # a token stands for a session
             return await call_next(request)
         session = request.session
         now = int(time.time())

@@ -1,7 +1,9 @@
 """llamaboard-portal: serve the portal, make the demo, validate and submit configs, follow runs.
 
 Exit codes: 0 ok (for `submit --wait`: the run succeeded), 1 invalid config / failed run,
-2 usage errors, 3 config rejected by the portal's rules (submit, clone).
+2 usage errors, 3 config rejected by the portal's rules (submit, clone), 4 `--wait` timed out.
+With `--server URL` the commands talk to a running portal over its HTTP API, signed in with the
+token in the environment variable named by `--token-env` (default PORTAL_TOKEN).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 
 
 def _settings(args: argparse.Namespace, **overrides: Any):
@@ -39,17 +41,150 @@ def _local_user(services):
 
 
 def _run_dict(services, run) -> dict[str, Any]:
-    return {
-        "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
-        "status_reason": run.status_reason, "created_at": run.created_at.isoformat() if run.created_at else None,
-        "started_at": run.started_at.isoformat() if run.started_at else None,
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-        "exit_code": run.exit_code, "mlflow_run_id": run.mlflow_run_id, "final_loss": run.final_loss,
-        "model": run.model_name_or_path, "datasets": run.datasets, "stage": run.stage,
-        "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "config_sha256": run.config_sha256,
-        "mlflow_url": services.runs.mlflow_url(run), "parent_id": run.parent_id, "note": run.note,
-        "tags": [t for t in run.tags.split(",") if t], "dataset_fingerprints": json.loads(run.dataset_fingerprints or "[]"),
-    }
+    from .run_view import run_to_dict
+
+    return run_to_dict(run, services.runs.mlflow_url(run))
+
+
+def _client(args: argparse.Namespace):
+    """A client of the portal at --server, signed in with the token from --token-env."""
+    from .client import ClientError, PortalClient
+
+    token = os.environ.get(args.token_env)
+    if not token:
+        print(f"error: --server needs a token: set {args.token_env} (or name another variable with --token-env)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    try:
+        return PortalClient(args.server, token)
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def _remote(func):
+    """Runs a remote command; a ClientError prints its message (and any problems) and exits."""
+    from functools import wraps
+
+    @wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from .client import ClientError
+
+        try:
+            with _client(args) as client:
+                return func(args, client)
+        except ClientError as err:
+            for key, problem in err.problems.items():
+                print(f"{getattr(args, 'file', 'config')}: {key}: {problem}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_REJECTED if err.status == 422 else EXIT_FAILED
+    return wrapper
+
+
+def _rejected(file: str, err) -> int:
+    """Each key a config was rejected for, as `FILE: key: problem` lines; the exit code for it."""
+    for key, problem in err.problems.items():
+        print(f"{file}: {key}: {problem}", file=sys.stderr)
+    return EXIT_REJECTED
+
+
+def _read_config_file(file: str) -> str | None:
+    try:
+        return Path(file).read_bytes().decode("utf-8")
+    except OSError as err:
+        print(f"{file}: {err.strerror}", file=sys.stderr)
+    except UnicodeDecodeError as err:
+        print(f"{file}: yaml: the file is not UTF-8 text (byte {err.start}); save it as UTF-8", file=sys.stderr)
+    return None
+
+
+def _print_run_line(run: dict[str, Any]) -> None:
+    reason = f": {run['status_reason']}" if run.get("status_reason") else ""
+    link = f" ({run['mlflow_url']})" if run.get("mlflow_url") and run["status"] in ("succeeded", "failed") else ""
+    print(f"run {run['id']} ({run['name']}) {run['status']}{reason}{link}", flush=True)
+
+
+@_remote
+def remote_validate(args: argparse.Namespace, client) -> int:
+    bad = False
+    for file in args.files:
+        text = _read_config_file(file)
+        if text is None:
+            bad = True
+            continue
+        name = None if "output_dir" in text else _cli_name(Path(file).stem)
+        result = client.validate(text, name)
+        for key, problem in result["problems"].items():
+            print(f"{file}: {key}: {problem}")
+        if result["valid"]:
+            print(f"{file}: ok")
+        bad = bad or not result["valid"]
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+@_remote
+def remote_submit(args: argparse.Namespace, client) -> int:
+    text = _read_config_file(args.file)
+    if text is None:
+        return EXIT_USAGE
+    name = args.name or (None if "output_dir" in text else _cli_name(Path(args.file).stem))
+    run = client.submit(text, name)
+    if not args.json:
+        _print_run_line(run)
+    if args.wait:
+        ended = client.wait(run["id"], args.timeout)
+        if ended is None:
+            print(f"run {run['id']} still {client.run(run['id'])['status']} after {args.timeout:g} s "
+                  "(it goes on; `cancel` stops it)", file=sys.stderr)
+            return EXIT_TIMEOUT
+        run = ended
+    if args.json:
+        print(json.dumps(run, indent=2))
+    elif args.wait:
+        _print_run_line(run)
+    return EXIT_FAILED if args.wait and run["status"] != "succeeded" else EXIT_OK
+
+
+@_remote
+def remote_runs(args: argparse.Namespace, client) -> int:
+    page = client.runs(status=args.status, model=args.model, dataset=args.dataset, stage=args.stage,
+                       method=args.method, owner=args.owner, search=args.search, sort=args.sort, limit=args.limit,
+                       offset=args.offset)
+    if args.json:
+        print(json.dumps(page["runs"], indent=2))
+        return EXIT_OK
+    print(f"{'ID':>5}  {'STATUS':<10} {'OWNER':<12} {'CREATED':<19}  {'LOSS':>8}  NAME")
+    for r in page["runs"]:
+        loss = "" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        print(f"{r['id']:>5}  {r['status']:<10} {r['owner']:<12} {(r['created_at'] or '')[:19]:<19}  {loss:>8}  "
+              f"{r['name']}")
+    if page["total"] > len(page["runs"]):
+        print(f"({len(page['runs'])} of {page['total']}; --offset {args.offset + len(page['runs'])} for more)")
+    return EXIT_OK
+
+
+@_remote
+def remote_logs(args: argparse.Namespace, client) -> int:
+    if args.follow:
+        for text in client.follow_logs(_run_id(args.run)):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        return EXIT_OK
+    sys.stdout.write(client.logs(_run_id(args.run), tail=args.tail)[0])
+    return EXIT_OK
+
+
+@_remote
+def remote_cancel(args: argparse.Namespace, client) -> int:
+    _print_run_line(client.cancel(_run_id(args.run)))
+    return EXIT_OK
+
+
+def _with_server(local, remote):
+    """The command runs here, or against the portal at --server."""
+    def run(args: argparse.Namespace) -> int:
+        return remote(args) if getattr(args, "server", None) else local(args)
+    return run
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -152,15 +287,72 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if bad else EXIT_OK
 
 
+def _safe_name(stem: str) -> str:
+    return ("".join(c if c.isalnum() or c in "._-" else "_" for c in stem).strip("._-") or "run")[:70]
+
+
 def _cli_name(stem: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem).strip("._-") or "run"
-    return f"{safe[:70]}_{datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}"
+    return f"{_safe_name(stem)}_{datetime.now().strftime('%Y-%m-%d-%H-%M-%S')}"
+
+
+def dry_run_manifests(args: argparse.Namespace) -> int:
+    """The Kubernetes objects `submit` would create for FILE, as multi-document YAML; no cluster needed."""
+    import hashlib
+
+    from llamaboard_ext import compile as lbc
+
+    from .launchers import JobSpec, LaunchError
+    from .launchers.kubernetes import KubernetesLauncher
+    from .launchers.k8s_manifests import to_yaml
+    from .runs import LOG_FILE, ConfigRejected, RunService
+
+    if args.gpus is not None and args.gpus < 0 or args.nodes < 1:
+        print("error: --gpus must be 0 or more (per node) and --nodes 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    text = _read_config_file(args.file)
+    if text is None:
+        return EXIT_USAGE
+    overrides = {"launcher": "kubernetes"}
+    if args.gpus is not None:
+        overrides["gpus_per_run"] = args.gpus
+    services = _services(args, tracking=False, **overrides)
+    settings, user = services.settings, _local_user(services)
+    try:
+        config = RunService.parse_config(text)
+        name = args.name or (None if config.get("output_dir") else _cli_name(Path(args.file).stem))
+        prepared = services.runs.prepare(user, config, name, for_submit=False)
+    except ConfigRejected as err:
+        return _rejected(args.file, err)
+    gpus_per_node = settings.gpus_per_run if args.gpus is None else args.gpus
+    env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_RUN_ID": "<made at submit>",
+           "MLFLOW_EXPERIMENT_NAME": settings.mlflow_experiment}
+    spec = JobSpec(run_id=0, name=prepared.name, owner=user.username, argv=[], workdir=prepared.run_dir,
+                   log_path=prepared.run_dir / LOG_FILE, env=env, gpus=gpus_per_node * args.nodes, nodes=args.nodes,
+                   config_yaml=prepared.yaml,  # the sha as a submit records it: of the keys, not the header
+                   config_sha256=hashlib.sha256(lbc.args_to_yaml(prepared.args).encode("utf-8")).hexdigest(),
+                   experiment=settings.mlflow_experiment)
+    try:
+        manifests = KubernetesLauncher(settings).build(spec)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(to_yaml(manifests))
+    return EXIT_OK
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .runs import ConfigRejected, PortalError
 
-    services = _services(args)
+    if args.dry_run:
+        if args.launcher != "kubernetes":
+            print("error: --dry-run prints Kubernetes manifests: add --launcher kubernetes", file=sys.stderr)
+            return EXIT_USAGE
+        return dry_run_manifests(args)
+    if args.gpus is not None or args.nodes != 1:
+        print("error: --gpus and --nodes go with --launcher kubernetes --dry-run; a submitted run takes the "
+              "portal's gpus_per_run", file=sys.stderr)
+        return EXIT_USAGE
+    services = _services(args, launcher=args.launcher)
     user = _local_user(services)
     try:
         raw = Path(args.file).read_bytes()
@@ -178,9 +370,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         run = services.runs.submit_args(user, config, name=name, source="cli")
     except ConfigRejected as err:
-        for key, problem in err.problems.items():
-            print(f"{args.file}: {key}: {problem}", file=sys.stderr)
-        return EXIT_REJECTED
+        return _rejected(args.file, err)
     except PortalError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
@@ -188,6 +378,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"run {run.id} ({run.name}) {run.status.value}", flush=True)
     if args.wait:
         run = services.runs.wait(user, run.id, timeout=args.timeout)
+        if not run.status.is_final:
+            print(f"run {run.id} still {run.status.value} after {args.timeout:g} s (it goes on; `cancel` stops it)",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
     if args.json:
         print(json.dumps(_run_dict(services, run), indent=2))
     elif args.wait:
@@ -280,15 +474,30 @@ def _run_id(value: str) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
     from .runs import NotFound
 
     services = _services(args)
+    user, run_id = _local_user(services), _run_id(args.run)
     try:
-        sys.stdout.write(services.runs.logs(_local_user(services), _run_id(args.run), tail_bytes=args.tail))
+        if not args.follow:
+            sys.stdout.write(services.runs.logs(user, run_id, tail_bytes=args.tail))
+            return EXIT_OK
+        offset = 0
+        while True:
+            services.runs.poll_active()
+            ended = services.runs.get_run(user, run_id).status.is_final
+            text, offset = services.runs.log_since(user, run_id, offset)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            if ended and not text:
+                return EXIT_OK
+            if not ended:
+                time.sleep(1.0)
     except NotFound as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -459,11 +668,75 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_git_export(args: argparse.Namespace) -> int:
+    """Export a config file to the configured repository as the local user; prints the commit SHA."""
+    from .git_configs import GitConfigs
+    from .git_export import GitExportError
+    from .runs import ConfigRejected
+
+    text = _read_config_file(args.file)
+    if text is None:
+        return EXIT_USAGE
+    services = _services(args, tracking=False)
+    git = GitConfigs(services.runs)
+    # a stable name (no time stamp): Git keeps the history
+    name = args.name or (None if "output_dir" in text else _safe_name(Path(args.file).stem))
+    try:
+        result = git.export_yaml(_local_user(services), text, name)
+    except ConfigRejected as err:
+        return _rejected(args.file, err)
+    except GitExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    state = "unchanged" if result.unchanged else "committed"
+    print(f"{state} {result.path} on {result.branch}" + (f" ({result.url})" if result.url else ""), file=sys.stderr)
+    if result.merge_request_url:
+        print(f"merge request: {result.merge_request_url}", file=sys.stderr)
+    if result.merge_request_error:
+        print(f"warning: no merge request: {result.merge_request_error}", file=sys.stderr)
+    print(result.sha)
+    return EXIT_OK
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Admin commands on the portal's machine: make, list and revoke users' API tokens."""
+    from .tokens import TokenError, TokenService
+
+    services = _services(args, tracking=False)
+    tokens, admin = TokenService(services.db), _local_user(services)
+    try:
+        if args.action == "create":
+            user = services.runs.user(args.user)
+            token, row = tokens.create(user, args.name, expires_days=args.expires_days, actor=admin)
+            print(f"token {row.id} '{row.name}' for {user.username}"
+                  + (f", expires {row.expires_at:%Y-%m-%d}" if row.expires_at else "") + " (shown once):", file=sys.stderr)
+            print(token)
+        elif args.action == "list":
+            user = services.runs.user(args.user)
+            print(f"{'ID':>4}  {'NAME':<24} {'PREFIX':<12} {'CREATED':<16}  {'LAST USED':<16}  STATE")
+            for row in tokens.list(user):
+                state = "revoked" if row.revoked_at else "active"
+                used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
+                print(f"{row.id:>4}  {row.name:<24} {row.prefix + '…':<12} {row.created_at:%Y-%m-%d %H:%M}  "
+                      f"{used:<16}  {state}")
+        else:
+            row = tokens.revoke(admin, args.id)
+            print(f"token {row.id} '{row.name}' revoked")
+    except (TokenError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaboard-portal", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-root", help="where the portal keeps its files (default: $PORTAL_DATA_ROOT or "
                                             "~/.local/share/llamaboard-portal)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--server", metavar="URL", help="run against the portal at URL (its HTTP API) instead of here")
+    remote.add_argument("--token-env", metavar="VAR", default="PORTAL_TOKEN",
+                        help="with --server: the environment variable holding your API token (default PORTAL_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the portal")
@@ -475,19 +748,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="only make the demo files")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("validate", parents=[common], help="check config files (exit 1 when one is invalid)")
+    p = sub.add_parser("validate", parents=[common, remote], help="check config files (exit 1 when one is invalid)")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(func=_with_server(cmd_validate, remote_validate))
 
-    p = sub.add_parser("submit", parents=[common], help="submit a config file as a run")
+    p = sub.add_parser("submit", parents=[common, remote], help="submit a config file as a run")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--name", help="run name (default: the config's output_dir, else the file name and the time)")
     p.add_argument("--wait", action="store_true", help="wait until the run ends; exit 1 unless it succeeded")
-    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds")
+    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
     p.add_argument("--json", action="store_true", help="print the run as JSON")
-    p.set_defaults(func=cmd_submit)
+    p.add_argument("--launcher", choices=["local", "kubernetes"],
+                   help="where the run goes (default: the portal's launcher setting)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --launcher kubernetes: print the manifests it would create, create nothing")
+    p.add_argument("--gpus", type=int, help="with --dry-run: GPUs per node (default: gpus_per_run)")
+    p.add_argument("--nodes", type=int, default=1, help="with --dry-run: nodes (several: a JobSet or an Indexed Job)")
+    p.set_defaults(func=_with_server(cmd_submit, remote_submit))
 
-    p = sub.add_parser("runs", parents=[common], help="list runs: filters, search, sort and paging")
+    p = sub.add_parser("runs", parents=[common, remote], help="list runs: filters, search, sort and paging")
     p.add_argument("--json", action="store_true")
     p.add_argument("--status", action="append", help="queued, starting, running, succeeded, failed, cancelled (repeatable)")
     p.add_argument("--model", help="part of the base model's path or hub id")
@@ -499,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default="newest", help="newest, oldest, loss, name")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--offset", type=int, default=0)
-    p.set_defaults(func=cmd_runs)
+    p.set_defaults(func=_with_server(cmd_runs, remote_runs))
 
     p = sub.add_parser("clone", parents=[common], help="run a run's config again (same dataset versions), with changes")
     p.add_argument("run")
@@ -516,14 +795,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", help="comma separated; empty clears them")
     p.set_defaults(func=cmd_note)
 
-    p = sub.add_parser("logs", parents=[common], help="print the end of a run's log")
+    p = sub.add_parser("logs", parents=[common, remote], help="print the end of a run's log")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--tail", type=int, default=64_000, help="bytes from the end (default 64000)")
-    p.set_defaults(func=cmd_logs)
+    p.add_argument("--follow", "-f", action="store_true", help="the whole log, as it grows, until the run ends")
+    p.set_defaults(func=_with_server(cmd_logs, remote_logs))
 
-    p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running run")
+    p = sub.add_parser("cancel", parents=[common, remote], help="cancel a queued or running run")
     p.add_argument("run", metavar="RUN")
-    p.set_defaults(func=cmd_cancel)
+    p.set_defaults(func=_with_server(cmd_cancel, remote_cancel))
+
+    p = sub.add_parser("git-export", parents=[common],
+                       help="commit a config file to the configured Git repository (PORTAL_GIT_URL); prints the SHA")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--name", help="run name in the path template (default: the config's output_dir, else the file name)")
+    p.set_defaults(func=cmd_git_export)
+
+    p = sub.add_parser("tokens", parents=[common], help="API tokens (admins, on the portal's machine)")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("create", parents=[common], help="make a token for USER and print it (shown once)")
+    t.add_argument("user", metavar="USER")
+    t.add_argument("--name", default="cli", help="what uses it, e.g. gitlab-ci (default: cli)")
+    t.add_argument("--expires-days", type=int, help="days until it stops working (default: never)")
+    t.set_defaults(func=cmd_tokens)
+    t = tsub.add_parser("list", parents=[common], help="USER's tokens (never the tokens themselves)")
+    t.add_argument("user", metavar="USER")
+    t.set_defaults(func=cmd_tokens)
+    t = tsub.add_parser("revoke", parents=[common], help="revoke a token by its id")
+    t.add_argument("id", type=int, metavar="ID")
+    t.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("datasets", parents=[common], help="add, list, rename or delete your datasets")
     dsub = p.add_subparsers(dest="action", required=True)

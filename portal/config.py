@@ -18,8 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .launchers.k8s_settings import KubernetesSettings
 
-SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret"})
+
+SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret", "git_token"})
 CATALOG_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # org/name
 # Keys of gpu_memory_gb: LLaMA-Factory's fine-tuning methods, plus qlora (lora on a 4/8-bit model).
 GPU_HINT_METHODS = ("lora", "qlora", "full", "freeze", "oft")
@@ -47,7 +49,8 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         secrets_in_file = sorted(k for k in data if k in SECRET_FIELDS)
         if secrets_in_file:
             raise ValueError(f"{path}: {', '.join(secrets_in_file)} must not be in the config file (it ends up in Git "
-                             "and ConfigMaps): set PORTAL_OIDC_CLIENT_SECRET(_FILE) / PORTAL_SESSION_SECRET instead")
+                             "and ConfigMaps): set PORTAL_OIDC_CLIENT_SECRET(_FILE) / PORTAL_SESSION_SECRET / "
+                             "PORTAL_GIT_TOKEN(_FILE) in the environment instead")
         return data
 
 
@@ -130,7 +133,8 @@ class CatalogModel(BaseModel):
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a startup error must not print the client secret it was given
-    model_config = SettingsConfigDict(env_prefix="PORTAL_", extra="forbid", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix="PORTAL_", env_nested_delimiter="__", extra="forbid",
+                                      hide_input_in_errors=True)
 
     data_root: Path = Field(default_factory=default_data_root)
     host: str = "127.0.0.1"
@@ -152,7 +156,8 @@ class Settings(BaseSettings):
     session_idle_minutes: int = Field(default=120, ge=1)
     session_max_hours: int = Field(default=12, ge=1)
 
-    launcher: Literal["local"] = "local"
+    launcher: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)  # launcher: kubernetes
     max_concurrent_runs: int = Field(default=2, ge=1)
     gpus: list[int] | None = None  # None: detect with nvidia-smi; [] forces CPU
     gpus_per_run: int = Field(default=1, ge=0)
@@ -183,6 +188,33 @@ class Settings(BaseSettings):
     chat_gpus: list[int] = Field(default_factory=list)  # GPUs for chat servers; [] runs them on the CPU
     max_upload_mb: int = Field(default=512, ge=1)  # dataset uploads (browser and CLI); Gradio refuses larger ones
     max_dataset_rows: int | None = Field(default=2_000_000, ge=1)  # rows per dataset file; None: no limit
+    # Export configs to Git and import them back (portal/git_export.py, decision 0014).
+    git_url: str | None = None  # a folder, file://, https:// or ssh URL, without credentials; None: no export
+    git_branch: str = "main"  # the base branch: new branches start from it, the import picker reads it
+    # user: push to portal/<user>; per_export: a new portal/<user>/<name>-<yyyymmdd-hhmmss>; base: git_branch
+    git_branch_mode: Literal["user", "per_export", "base"] = "user"
+    # placeholders: {dataset} {model} {name} {user} {stage} {finetuning_type}, each made one safe segment
+    git_path_template: str = "experiments/{dataset}/{model}/{name}.yaml"
+    git_import_prefix: str = "experiments"  # the folder the import picker lists
+    git_username: str | None = None  # HTTPS user for the token; None: oauth2
+    git_token: SecretStr | None = None  # HTTPS token, also for the merge request API; env or file, never the YAML file
+    git_token_file: Path | None = None
+    git_ssh_key_file: Path | None = None  # private key for ssh URLs (a deploy key)
+    git_ssh_known_hosts_file: Path | None = None  # the server's host key; None: ssh's own known_hosts
+    git_committer_name: str = "LLaMA Board Portal"  # the author is the user who exports
+    git_committer_email: str = "portal@localhost"
+    # the link shown after an export, e.g. https://gitlab.example/ml/configs/-/commit/{sha}; also {branch} {path}
+    git_commit_url_template: str | None = None
+    git_merge_request: Literal["gitlab", "github"] | None = None  # open one per pushed branch (not in base mode)
+    git_api_url: str | None = None  # e.g. https://gitlab.example/api/v4; GitHub: https://api.github.com
+    git_project: str | None = None  # GitLab project id or path (ml/configs); GitHub owner/repo
+
+    @model_validator(mode="after")
+    def _git_export_settings(self) -> "Settings":
+        from .git_export import check_git_settings
+
+        check_git_settings(self)
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .inference import InferenceError
+from .models import User
 from .runs import NotFound, PortalError, RunService
 
 RUN_MODEL = re.compile(r"^run-(\d+)$")
@@ -36,20 +37,14 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return value
 
 
-def build_gateway(runs: RunService, current_username: Callable[[Request], str | None]) -> APIRouter:
-    router = APIRouter(prefix="/v1")
-
-    def user_of(request: Request):
-        name = current_username(request)
-        if not name:
-            return None
-        return runs.user(name)
+def build_gateway(runs: RunService, user_of: Callable[[Request], User | None]) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"])
 
     @router.get("/models")
     def models(request: Request):
         user = user_of(request)
         if user is None:
-            return _error(401, "sign in first", "authentication_error")
+            return _error(401, "sign in first, or send 'Authorization: Bearer <token>'", "authentication_error")
         data = [{"id": f"run-{run.id}", "object": "model", "created": int(run.created_at.timestamp()),
                  "owned_by": run.owner, "name": run.name} for run in runs.chat_targets(user)]
         return {"object": "list", "data": data}
@@ -58,7 +53,7 @@ def build_gateway(runs: RunService, current_username: Callable[[Request], str | 
     async def chat_completions(request: Request):
         user = user_of(request)
         if user is None:
-            return _error(401, "sign in first", "authentication_error")
+            return _error(401, "sign in first, or send 'Authorization: Bearer <token>'", "authentication_error")
         try:
             body = await request.json()
         except ValueError:

@@ -119,3 +119,21 @@ class AuditEvent(SQLModel, table=True):
     target: str | None = None
     detail: str | None = None
     client: str | None = None  # address the request came from, when known
+
+
+class ApiToken(SQLModel, table=True):
+    """A personal access token: it acts as its user on /api and /v1. Only its SHA-256 is kept
+    (tokens are 256 random bits, so a fast hash is enough); ``prefix`` identifies it in lists."""
+
+    __tablename__ = "api_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=100)
+    token_sha256: str = Field(index=True, unique=True, max_length=64)
+    prefix: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    last_used_from: str | None = Field(default=None, max_length=255)
+    revoked_at: datetime | None = None

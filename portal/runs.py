@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlmodel import select
 
 from llamaboard_ext import compile as lbc
@@ -30,7 +30,7 @@ from .catalog import Catalog
 from .config import Settings
 from .datasets import DatasetService, write_pinned_info
 from .db import Database
-from .launchers import JobSpec, Launcher, LaunchError
+from .launchers import JobSpec, Launcher, LaunchError, PollResult
 from .models import AuditEvent, Run, RunStatus, User, utcnow
 from .policy import apply_policy
 from .request_context import client_address
@@ -44,6 +44,7 @@ ACTIVE = (RunStatus.starting, RunStatus.running)
 CONFIG_FILE = "config.yaml"
 PINNED_DATASETS_DIR = "datasets"  # <run dir>/datasets/dataset_info.json: the dataset versions the run uses
 LOG_FILE = "job.log"
+MAX_CONFIG_BYTES = 1_000_000  # a config is a few KB; anything near this is a mistake or an attack
 
 
 class PortalError(Exception):
@@ -141,6 +142,16 @@ def last_loss(output_dir: str | os.PathLike) -> float | None:
     return loss
 
 
+def _whole_cpus(quantity: str) -> int:
+    """A Kubernetes CPU quantity ("4", "500m", "2.5") as whole CPUs, at least 1."""
+    text = str(quantity).strip()
+    try:
+        cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return 1
+    return max(1, int(cpus))
+
+
 def _last_error_line(text: str) -> str | None:
     for line in reversed(text.strip().splitlines()):
         stripped = line.strip()
@@ -160,6 +171,7 @@ class RunService:
         self.tracker = tracker
         self.metrics_cache = MetricsCache(tracker.history, ttl_seconds=settings.metrics_refresh_seconds)
         self._dispatch_lock = threading.Lock()
+        self._starting: set[int] = set()  # runs this process is handing to its launcher right now
         self._denied_seen: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -196,12 +208,22 @@ class RunService:
         return UserSpace.for_user(self.settings.users_root, user.username).ensure()
 
     # ---- preparing a config --------------------------------------------------------------
+    @property
+    def _on_cluster(self) -> bool:
+        """Jobs run on a cluster (Kubernetes), not on this machine: the cluster places them, so
+        this machine's GPUs and cores say nothing about a job's."""
+        return self.launcher.name == "kubernetes"
+
     def _gpus_per_run(self) -> int:
+        if self._on_cluster:  # what each run asks the cluster for; the portal's machine may have none
+            return self.settings.gpus_per_run
         return min(self.settings.gpus_per_run, len(self.settings.gpu_ids)) if self.settings.gpu_ids else 0
 
     def _job_cpus(self) -> int:
         if self.settings.job_cpus:
             return self.settings.job_cpus
+        if self._on_cluster:  # the pod's CPU request, not this machine's cores
+            return _whole_cpus(self.settings.kubernetes.cpu_request)
         return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_runs)
 
     def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True,
@@ -230,7 +252,12 @@ class RunService:
         if for_submit and run_dir.exists():
             problems["output_dir"] = f"a run named '{name}' already exists in your space: choose another run name"
         if not problems:
-            problems.update(validate_args(lbc.clean_args(result.args)))
+            checked = lbc.clean_args(result.args)
+            if self._on_cluster and gpus:
+                # the job's GPUs are the cluster's: this machine (often without any) cannot tell
+                # whether they do bf16, so LLaMA-Factory's parser checks the rest as for a CPU
+                checked["use_cpu"] = True
+            problems.update(validate_args(checked))
         if problems:
             raise ConfigRejected(problems)
         args = dict(result.args)
@@ -248,12 +275,24 @@ class RunService:
         return Prepared(name=name, args=args, yaml=lbc.args_to_yaml(args, header=header), run_dir=run_dir,
                         gpus=gpus, notes=result.notes, datasets=pinned, fingerprints=fingerprints)
 
-    def submit_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Run:
+    @staticmethod
+    def parse_config(text: str | bytes) -> dict[str, Any]:
+        """A config file's keys; a huge, non-UTF-8 or unsafe file is refused under the key "yaml"."""
+        size = len(text.encode("utf-8") if isinstance(text, str) else text)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigRejected({"yaml": f"the config is {size:,} bytes; a LLaMA-Factory config is a few KB "
+                                          f"(limit {MAX_CONFIG_BYTES:,}): put data in a dataset, not the config"})
         try:
-            args = lbc.yaml_to_args(text)
+            return lbc.yaml_to_args(text)
         except lbc.YamlError as err:
             raise ConfigRejected({"yaml": str(err)}) from err
-        return self.submit_args(user, args, name=name, source="yaml")
+
+    def validate_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Prepared:
+        """The checks of a submit, without submitting; raises ConfigRejected naming every bad key."""
+        return self.prepare(user, self.parse_config(text), name, for_submit=False)
+
+    def submit_yaml(self, user: User, text: str | bytes, name: str | None = None, source: str = "yaml") -> Run:
+        return self.submit_args(user, self.parse_config(text), name=name, source=source)
 
     def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api",
                     parent: Run | None = None, same_data: bool = False) -> Run:
@@ -436,7 +475,27 @@ class RunService:
 
     def logs(self, user: User, run_id: int, tail_bytes: int = 64_000) -> str:
         run = self.get_run(user, run_id)
-        return self.launcher.logs(json.loads(run.launcher_state or "{}"), Path(run.run_dir) / LOG_FILE, tail_bytes)
+        path = Path(run.run_dir) / LOG_FILE
+        state = json.loads(run.launcher_state or "{}")
+        if run.status.is_final and path.is_file() and path.stat().st_size:
+            state = {}  # an ended run's saved log: the launcher (a cluster's API) need not be asked
+        return self.launcher.logs(state, path, tail_bytes)
+
+    def log_since(self, user: User, run_id: int, offset: int, limit: int = 1_000_000) -> tuple[str, int]:
+        """The log from byte ``offset`` (at most ``limit`` bytes, cut at a line end) and the offset
+        to ask for next: what `logs --follow` polls."""
+        run = self.get_run(user, run_id)
+        try:
+            with open(Path(run.run_dir) / LOG_FILE, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                start = min(max(0, offset), size)  # past the end (a log saved anew): continue from its end
+                fh.seek(start)
+                data = fh.read(limit)
+        except FileNotFoundError:
+            return "", 0
+        if len(data) == limit and b"\n" in data:
+            data = data[: data.rindex(b"\n") + 1]  # never split a line (or a UTF-8 character) in two
+        return data.decode("utf-8", errors="replace"), start + len(data)
 
     def metrics(self, user: User, run_id: int) -> list[MetricPoint]:
         run = self.get_run(user, run_id)
@@ -458,12 +517,21 @@ class RunService:
             if run.mlflow_run_id:
                 self._finish_tracking(run.mlflow_run_id, "KILLED")
             return self.get_run(user, run_id)
-        self._set(run_id, cancel_requested=True, status_reason=f"cancelling (requested by {user.username})")
+        if not self._set(run_id, where=ACTIVE, cancel_requested=True,
+                         status_reason=f"cancelling (requested by {user.username})"):
+            return self.get_run(user, run_id)  # it ended meanwhile
         run = self.get_run(user, run_id)
         state = json.loads(run.launcher_state or "{}")
         if state:
-            self.launcher.stop(state, self.settings.cancel_grace_seconds)
-        self.poll_active()
+            try:
+                self.launcher.stop(state, self.settings.cancel_grace_seconds)
+            except LaunchError as err:
+                # the cluster refused (403) or did not answer: the run stays, marked to be
+                # cancelled (it ends `cancelled` whenever its job ends), and cancelling again retries
+                log.warning("could not stop the job of run %s: %s", run_id, err)
+                raise PortalError(f"run {run_id} is marked to be cancelled, but its job could not be stopped: {err}. "
+                                  "It may keep running: cancel again later, or ask an admin") from err
+        self.poll_active(only=run_id)
         return self.get_run(user, run_id)
 
     # ---- supervising jobs ----------------------------------------------------------------
@@ -485,6 +553,9 @@ class RunService:
                 queued = list(s.exec(select(Run).where(Run.status == RunStatus.queued, Run.mlflow_run_id.is_not(None))
                                      .order_by(Run.id)).all())
                 admins = {u.id for u in s.exec(select(User).where(User.is_admin == True)).all()}  # noqa: E712
+            # max_concurrent_runs and the per-user limits hold on every launcher; on a cluster they
+            # count the runs submitted to it (also those its queue holds), and the cluster places them
+            cluster = self._on_cluster
             slots = self.settings.max_concurrent_runs - len(active)
             used = {g for r in active for g in json.loads(r.launcher_state or "{}").get("gpu_ids", [])}
             free = [g for g in self.settings.gpu_ids if g not in used]
@@ -494,18 +565,25 @@ class RunService:
                 running[r.owner_id] = running.get(r.owner_id, 0) + 1
                 holding[r.owner_id] = holding.get(r.owner_id, 0) + r.gpus
             for run in queued:
-                if slots <= 0 or run.gpus > len(free):
+                if slots <= 0 or (not cluster and run.gpus > len(free)):
                     break  # first in, first out: a big run is not overtaken forever
                 limit = self._user_limit(run, running.get(run.owner_id, 0), holding.get(run.owner_id, 0), admins)
                 if limit:
                     if run.status_reason != limit:
                         self._set(run.id, where=(RunStatus.queued,), status_reason=limit)
                     continue  # this user waits; other users' runs may go
-                if not self._set(run.id, where=(RunStatus.queued,), status=RunStatus.starting, status_reason=None):
+                # on a cluster started_at is first when the portal handed the run over (what the
+                # restart check below counts from), then when its pod began to run
+                handed = {"started_at": utcnow()} if cluster else {}
+                if not self._set(run.id, where=(RunStatus.queued,), status=RunStatus.starting, status_reason=None,
+                                 **handed):
                     continue  # another portal process took it
                 running[run.owner_id] = running.get(run.owner_id, 0) + 1
                 holding[run.owner_id] = holding.get(run.owner_id, 0) + run.gpus
-                gpu_ids, free = free[: run.gpus], free[run.gpus:]
+                if cluster:
+                    gpu_ids = []  # the cluster picks the GPUs
+                else:
+                    gpu_ids, free = free[: run.gpus], free[run.gpus:]
                 slots -= 1
                 self._start(run, gpu_ids)
 
@@ -529,31 +607,127 @@ class RunService:
             "MLFLOW_EXPERIMENT_NAME": self.tracker.experiment_name,
         }
         spec = JobSpec(run_id=run.id, name=run.name, owner=run.owner, workdir=run_dir, log_path=run_dir / LOG_FILE,
-                       argv=[llamafactory_cli(), "train", str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids)
+                       argv=[llamafactory_cli(), "train", str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids,
+                       gpus=run.gpus, nodes=1, config_yaml=run.config_yaml, config_sha256=run.config_sha256,
+                       experiment=self.tracker.experiment_name)
+        self._starting.add(run.id)  # poll_active leaves it alone until its state is stored
         try:
-            state = self.launcher.start(spec)
-        except LaunchError as err:
-            self._set(run.id, status=RunStatus.failed, status_reason=str(err), finished_at=utcnow())
-            if run.mlflow_run_id:
-                self._finish_tracking(run.mlflow_run_id, "FAILED")
-            return
-        state["gpu_ids"] = gpu_ids
-        self._set(run.id, status=RunStatus.running, started_at=utcnow(), launcher_state=json.dumps(state),
-                  status_reason=f"running on {'GPU ' + ','.join(map(str, gpu_ids)) if gpu_ids else 'the CPU'}")
+            try:
+                state = self.launcher.start(spec)
+            except LaunchError as err:
+                if self._set(run.id, where=ACTIVE, status=RunStatus.failed, status_reason=str(err),
+                             finished_at=utcnow()) and run.mlflow_run_id:
+                    self._finish_tracking(run.mlflow_run_id, "FAILED")
+                return
+            if self._on_cluster:
+                self._submitted(run, state)
+                return
+            state["gpu_ids"] = gpu_ids
+            self._set(run.id, status=RunStatus.running, started_at=utcnow(), launcher_state=json.dumps(state),
+                      status_reason=f"running on {'GPU ' + ','.join(map(str, gpu_ids)) if gpu_ids else 'the CPU'}")
+        finally:
+            self._starting.discard(run.id)
 
-    def poll_active(self) -> None:
-        """Look at every starting/running run once: re-attached after a restart the same way."""
+    def _submitted(self, run: Run, state: dict[str, Any]) -> None:
+        """A run handed to a cluster: it stays `starting` (while it waits for quota, a node or its
+        image) until a poll sees its pod run."""
+        what = f"{state.get('kind', 'Job')} {state.get('namespace')}/{state.get('job')}"
+        if self._set(run.id, where=(RunStatus.starting,), launcher_state=json.dumps(state),
+                     status_reason=f"submitted to Kubernetes as {what}: waiting for the cluster to run it"):
+            with self.db.session() as s:
+                current = s.get(Run, run.id)
+            if current is None or not current.cancel_requested:
+                return
+            # cancelled while its Job was being made: the cancel found no job to stop, so stop it now
+            log.info("run %s was cancelled while it was being submitted: stopping %s", run.id, what)
+        else:
+            with self.db.session() as s:
+                current = s.get(Run, run.id)
+            if current is not None and not current.status.is_final:
+                return  # another portal process re-attached it meanwhile: it follows the Job
+            log.warning("run %s ended while its Job was being made: deleting %s", run.id, what)
+        try:
+            self.launcher.stop(state, self.settings.cancel_grace_seconds)
+        except LaunchError as err:
+            log.warning("could not stop %s of run %s: %s", what, run.id, err)
+
+    def poll_active(self, only: int | None = None) -> None:
+        """Look at every starting/running run once (``only``: that one run): re-attached after a
+        restart the same way."""
         with self.db.session() as s:
-            active = list(s.exec(select(Run).where(Run.status.in_(ACTIVE))).all())
+            query = select(Run).where(Run.status.in_(ACTIVE))
+            if only is not None:
+                query = query.where(Run.id == only)
+            active = list(s.exec(query).all())
+        found: dict[int, dict[str, Any]] | None = None  # the cluster's jobs by run id, asked at most once
+        problem: str | None = None  # why they could not be listed
         for run in active:
             state = json.loads(run.launcher_state or "{}")
             if not state:
-                if run.status == RunStatus.starting and run.created_at and (utcnow() - run.created_at).total_seconds() > 120:
-                    self._finish(run, -1, "the portal stopped while it was starting this job")
-                continue
+                if run.status != RunStatus.starting or run.id in self._starting:
+                    continue  # being started by this process right now
+                if found is None:
+                    found, problem = self._find_jobs()
+                state = self._adopt(run, found)
+                if not state:
+                    since = run.started_at or run.created_at
+                    if since and (utcnow() - since).total_seconds() > 120:
+                        why = f" (and its job could not be looked for: {problem})" if problem else ""
+                        self._finish(run, -1, f"the portal stopped while it was starting this job{why}")
+                    continue
             result = self.launcher.poll(state)
             if result.exit_code is not None:
                 self._finish(run, result.exit_code, result.reason)
+            else:
+                self._note_progress(run, result)
+
+    def _note_progress(self, run: Run, result: PollResult) -> None:
+        """A job that has not ended: its status in words when that changed (a cluster's: "queued:
+        waiting for quota in ...", "waiting for a node: ...", "status unknown: ..." while its API
+        does not answer, which does not end the run), and `running` once it runs. The database is
+        written only on a change."""
+        changes: dict[str, Any] = {}
+        if run.status == RunStatus.starting and result.phase == "running":
+            changes.update(status=RunStatus.running, started_at=utcnow())
+        if result.reason and result.reason != run.status_reason and not run.cancel_requested:
+            changes["status_reason"] = result.reason  # a cancel keeps "cancelling (requested by ...)"
+        if changes:
+            self._set(run.id, where=(run.status,), **changes)
+
+    def _find_jobs(self) -> tuple[dict[int, dict[str, Any]], str | None]:
+        """The jobs a launcher that can list them (Kubernetes: ``reconcile``) still has, by run id;
+        and why they could not be listed, if so."""
+        reconcile = getattr(self.launcher, "reconcile", None)
+        if reconcile is None:
+            return {}, None
+        try:
+            return {int(state["run_id"]): state for state in reconcile()}, None
+        except LaunchError as err:
+            log.warning("could not list the cluster's jobs to re-attach runs: %s", err)
+            return {}, str(err)
+
+    def _adopt(self, run: Run, found: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+        """A run left `starting` without state (the portal stopped while it was submitting it)
+        takes over the job found for it, if that job is this run's: same owner and config."""
+        state = dict(found.get(run.id) or {})
+        if not state:
+            return None
+        owner, sha = state.pop("owner", None), state.pop("config_sha256", None)
+        if owner not in (None, run.owner) or sha not in (None, run.config_sha256):
+            log.warning("run %s: the job %s/%s carries its id but not its owner and config; not adopted", run.id,
+                        state.get("namespace"), state.get("job"))
+            return None
+        state["log_path"] = str(Path(run.run_dir) / LOG_FILE)
+        what = f"{state.get('kind', 'Job')} {state.get('namespace')}/{state.get('job')}"
+        with self.db.session() as s:
+            stmt = (update(Run).where(Run.id == run.id, Run.status == RunStatus.starting,
+                                      or_(Run.launcher_state.is_(None), Run.launcher_state.in_(("", "{}"))))
+                    .values(launcher_state=json.dumps(state), status_reason=f"re-attached to {what} after a restart"))
+            adopted = s.exec(stmt).rowcount == 1  # type: ignore[call-overload]
+            s.commit()
+        if adopted:
+            log.info("run %s re-attached to %s", run.id, what)
+        return state if adopted else None
 
     def _finish(self, run: Run, exit_code: int, reason: str | None) -> None:
         if run.cancel_requested:
@@ -584,7 +758,10 @@ class RunService:
         for run in active:
             state = json.loads(run.launcher_state or "{}")
             if state:
-                self.launcher.stop(state, grace_seconds)
+                try:
+                    self.launcher.stop(state, grace_seconds)
+                except LaunchError as err:  # one job that cannot be stopped does not keep the others running
+                    log.warning("could not stop the job of run %s: %s", run.id, err)
         if active:
             self.poll_active()
         return len(active)

@@ -11,6 +11,7 @@ from .datasets import DatasetService
 from .db import Database
 from .launchers import make_launcher
 from .runs import RunService
+from .tokens import TokenService
 from .tracking import EmbeddedMlflow, Tracker
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class Services:
     tracker: Tracker
     runs: RunService
     datasets: DatasetService
+    tokens: TokenService
     mlflow_server: EmbeddedMlflow | None = None
 
 
@@ -51,4 +53,4 @@ def build_services(settings: Settings, *, start_tracking: bool = True) -> Servic
     datasets = DatasetService(settings, db, catalog)
     runs = RunService(settings, db, catalog, launcher, tracker, datasets)
     return Services(settings=settings, db=db, catalog=catalog, tracker=tracker, runs=runs, datasets=datasets,
-                    mlflow_server=server)
+                    tokens=TokenService(db), mlflow_server=server)

@@ -11,9 +11,13 @@ import gradio as gr
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
 from . import __version__
+from .models import User
+from .request_context import client_address
 from .services import Services
+from .tokens import TOKEN_PREFIX, bearer_token
 
 log = logging.getLogger(__name__)
 UI_PATH = "/ui"
@@ -34,6 +38,7 @@ REFUSED_PREFIXES = (f"{UI_PATH}/gradio_api/file=http", f"{UI_PATH}/file=http", f
                     f"{UI_PATH}/file/http", f"{UI_PATH}/proxy=",
                     f"{UI_PATH}/gradio_api/proxy=", f"{UI_PATH}/monitoring", f"{UI_PATH}/gradio_api/mcp",
                     f"{UI_PATH}/gradio_api/upload_progress", f"{UI_PATH}/gradio_api/deep_link")
+TOKEN_PATHS = ("/api/", "/v1/")  # where a personal access token signs in (never the browser UI)
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -75,14 +80,20 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if supervise:
-            runs.poll_active()  # re-attach to jobs that ran on while the portal was down
+            if settings.launcher == "local":
+                runs.poll_active()  # re-attach to jobs that ran on while the portal was down
+            # a cluster's API may be slow or down: the supervisor's first tick re-attaches, in its
+            # thread, so the portal still starts (and answers its health probe)
             runs.start_supervisor()
         yield
+        # jobs are never stopped here: local ones and Kubernetes Jobs outlive the portal
         runs.stop_chat_servers()  # no model server outlives the portal
         if supervise:
             runs.stop_supervisor()
 
-    app = FastAPI(title="LLaMA Board Portal", version=__version__, lifespan=lifespan)
+    # the API's description lives beside it, so a token can read it too
+    app = FastAPI(title="LLaMA Board Portal", version=__version__, lifespan=lifespan, openapi_url="/api/openapi.json",
+                  docs_url="/api/docs", redoc_url=None)
 
     @app.get("/healthz")
     def healthz():
@@ -116,12 +127,42 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
             # auth: none: one local user; only ever served on loopback (checked by `serve`).
             return local_user.username
 
+    def request_user(request: Request) -> User | None:
+        """Who calls /api and /v1: a token's user, else the signed-in (or local) user."""
+        user = getattr(request.state, "user", None)
+        if user is not None:
+            return user
+        name = current_username(request)
+        try:
+            return runs.user(name) if name else None
+        except PermissionError:  # deactivated meanwhile
+            return None
+
+    from .api import build_api
     from .gateway import build_gateway
 
-    app.include_router(build_gateway(runs, current_username))  # /v1: OpenAI-compatible, behind the same login
+    app.include_router(build_api(runs, request_user))  # /api: JSON for scripts and CI
+    app.include_router(build_gateway(runs, request_user))  # /v1: OpenAI-compatible, behind the same login
+
+    @app.middleware("http")  # added after the login guard: it runs first, so a valid token stands for a session
+    async def token_auth(request: Request, call_next):
+        token = bearer_token(request.headers.get("authorization"))
+        if token is not None and settings.auth_mode == "none" and not token.startswith(TOKEN_PREFIX):
+            token = None  # loopback, no login: an OpenAI client's placeholder key ("EMPTY") is no token
+        if token is not None and request.url.path.startswith(TOKEN_PATHS):
+            client = request.client.host if request.client else None
+            user = await run_in_threadpool(services.tokens.authenticate, token, client)
+            if user is None:
+                return JSONResponse({"detail": "the API token is unknown, revoked or expired: make a new one (Account "
+                                               "tab, or `llamaboard-portal tokens create USER` on the portal's machine)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            request.state.user = user
+            request.state.token_auth = True
+        return await call_next(request)
 
     @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
     async def security_headers(request: Request, call_next):
+        client_address.set(request.client.host if request.client else None)  # for the audit log
         refusal = hostile_request(request, settings.public_url)
         if refusal is None and settings.auth_mode == "none" and not loopback_host_header(request.headers.get("host")):
             refusal = "without login the portal answers only on a loopback address (localhost, 127.0.0.1, ::1)"

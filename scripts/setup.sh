@@ -29,6 +29,9 @@ apt_install git
 if ((WANT_TEST)); then
   # postgresql: the tests run the same code on a real PostgreSQL server they start themselves
   apt_install chromium fonts-dejavu-core postgresql
+  # kubectl renders deploy/ with its built-in kustomize in the tests. Debian's kubernetes-client is
+  # old (kubectl 1.20, kustomize v2.0.3): the kustomizations are written for it and for v5 alike.
+  command -v kubectl >/dev/null || apt_install kubernetes-client
 fi
 
 PYTHON="${PYTHON:-}"

@@ -168,3 +168,31 @@ def test_datasets_add_list_and_check_failures(cli, tmp_path):
     assert cli("datasets", "add", str(tmp_path / "missing.jsonl"), "--name", "x").returncode == 2
     out = cli("datasets", "delete", "qa")
     assert out.returncode == 0 and "qa: deleted (1 file(s) removed" in out.stdout
+
+
+def test_submit_dry_run_prints_valid_kubernetes_manifests(cli, demo_config):
+    from test_k8s_manifests import validate
+
+    runs_before = json.loads(cli("runs", "--json").stdout)
+    out = cli("submit", str(demo_config), "--launcher", "kubernetes", "--dry-run", "--gpus", "2")
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Job"]
+    for doc in docs:
+        validate(doc)  # the official Kubernetes schemas
+    job = docs[1]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "2"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FORCE_TORCHRUN"] == "1" and env["NPROC_PER_NODE"] == "2"
+    config = yaml.safe_load(docs[0]["data"]["config.yaml"])
+    assert config["dataset"] == "demo_alpaca" and "use_cpu" not in config  # the job has GPUs, this machine none
+
+    nodes = cli("submit", str(demo_config), "--launcher", "kubernetes", "--dry-run", "--gpus", "1", "--nodes", "2")
+    assert nodes.returncode == 0, nodes.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(nodes.stdout) if d]
+    assert "JobSet" in kinds
+    bad = cli("submit", str(demo_config), "--launcher", "kubernetes", "--dry-run", "--gpus", "0", "--nodes", "2")
+    assert bad.returncode == 2 and "--gpus" in bad.stderr
+    assert cli("submit", str(demo_config), "--dry-run").returncode == 2  # dry run of what? (no launcher named)
+    assert json.loads(cli("runs", "--json").stdout) == runs_before  # a dry run creates no run

@@ -1,10 +1,13 @@
-"""Launchers run a run's job somewhere: a local process (default) or, later, a Kubernetes Job."""
+"""Launchers run a run's job somewhere: a local process (default) or a Kubernetes Job."""
 
 from __future__ import annotations
 
 from .base import JobSpec, Launcher, LaunchError, PollResult
 
-LAUNCHERS = {"local": "portal.launchers.local:LocalLauncher"}
+LAUNCHERS = {
+    "local": "portal.launchers.local:LocalLauncher",
+    "kubernetes": "portal.launchers.kubernetes:KubernetesLauncher",
+}
 
 
 def make_launcher(name: str, settings) -> Launcher:
@@ -17,4 +20,4 @@ def make_launcher(name: str, settings) -> Launcher:
     return getattr(importlib.import_module(module_name), cls_name)(settings)
 
 
-__all__ = ["JobSpec", "Launcher", "LaunchError", "PollResult", "make_launcher", "LAUNCHERS"]
+__all__ = ["LAUNCHERS", "JobSpec", "LaunchError", "Launcher", "PollResult", "make_launcher"]

@@ -23,14 +23,22 @@ class JobSpec:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     gpu_ids: list[int] = field(default_factory=list)
+    # what a cluster launcher needs besides (the local launcher ignores them)
+    gpus: int = 0  # GPUs of the whole run, spread evenly over `nodes`
+    nodes: int = 1
+    config_yaml: str = ""  # the exact config (empty: read from workdir/config.yaml)
+    config_sha256: str = ""
+    experiment: str = ""  # the MLflow experiment, for labels
 
 
 @dataclass(frozen=True)
 class PollResult:
-    """``exit_code`` is None while the job runs."""
+    """``exit_code`` is None while the job runs; ``reason`` says why in words (also while it
+    waits: "queued: waiting for quota in ...", "waiting for a node: ...")."""
 
     exit_code: int | None
     reason: str | None = None
+    phase: str | None = None  # while running: "queued", "starting", "running" or "stopping"
 
 
 class Launcher(ABC):

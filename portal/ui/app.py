@@ -1,4 +1,4 @@
-"""The portal's Blocks: Train, Data, Runs, Chat and (for admins) Admin tabs."""
+"""The portal's Blocks: Train, Data, Runs, Chat, Account and (for admins) Admin tabs."""
 
 from __future__ import annotations
 
@@ -8,17 +8,22 @@ import gradio as gr
 
 from llamaboard_ext.form import form_defaults, llamaboard_css
 
+from ..git_configs import GitConfigs
 from ..runs import NotFound, RunService
+from ..tokens import TokenService
 from ..users import UserAdmin
+from .account import build_account_tab
 from .admin import build_admin_tab
 from .chat import build_chat_tab
 from .common import current_user
 from .data import build_data_tab
+from .git import build_git_section, export_run_handler
 from .runs import build_runs_tab, run_number
 from .train import build_train_tab
 
 
 def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
+    git = GitConfigs(runs)
     form_defaults()  # built here, outside any Blocks context: handlers must never build components
     # System fonts: the page must not fetch anything from outside (Gradio's default loads Google Fonts).
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -36,15 +41,24 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
                 form = build_train_tab(runs)
+                build_git_section(git, form)
             with gr.Tab("Data", id="data") as data_tab:
                 data_parts = build_data_tab(runs, runs.datasets, form.component("train.dataset"),
                                             form.component("train.training_stage"))
             data_tab.select(data_parts["refresh"], [data_parts["stage"]], data_parts["outputs"])
             with gr.Tab("Runs", id="runs"):
                 runs_tab = build_runs_tab(runs)
+                with gr.Row(visible=git.enabled):
+                    git_export_btn = gr.Button("Export to Git", scale=0, elem_id="run-git-export")
+                    git_export_result = gr.Markdown(elem_id="run-git-result")
+                git_export_btn.click(export_run_handler(git, run_number), [runs_tab["selected"]], [git_export_result],
+                                     show_api=False)
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_parts = build_chat_tab(runs)
             chat_tab.select(chat_parts["reload"], None, chat_parts["target"])
+            with gr.Tab("Account", id="account") as account_tab:
+                account_parts = build_account_tab(runs, TokenService(runs.db))
+            account_tab.select(account_parts["refresh"], None, account_parts["outputs"])
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 admin_parts = build_admin_tab(runs, UserAdmin(runs.db))
             admin_tab.select(admin_parts["refresh"], admin_parts["filters"], admin_parts["outputs"])

@@ -1,0 +1,158 @@
+"""The portal's HTTP API (JSON, described at /api/openapi.json and /api/docs): validate a config, submit a run,
+follow it, cancel it. It calls the same services, with the same checks, as the UI and the CLI.
+
+Callers sign in with a personal access token (``Authorization: Bearer lbp_...``) or, from a
+browser, with their session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from . import __version__
+from .client import API_PREFIX
+from .models import User
+from .run_query import RunQuery
+from .run_view import metrics_summary, run_to_dict
+from .runs import ConfigRejected, NotFound, PortalError, RunService
+
+
+class ConfigIn(BaseModel):
+    yaml: str = Field(description="the LLaMA-Factory config, as YAML text")
+    name: str | None = Field(default=None, description="run name (default: the config's output_dir)")
+
+
+class ValidationOut(BaseModel):
+    valid: bool
+    problems: dict[str, str] = Field(description="each bad key and what to do about it")
+    name: str | None = None
+
+
+class RunOut(BaseModel):
+    id: int
+    name: str
+    owner: str
+    status: str
+    status_reason: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    exit_code: int | None
+    mlflow_run_id: str | None
+    mlflow_url: str | None
+    final_loss: float | None
+    model: str
+    datasets: str
+    stage: str
+    finetuning_type: str
+    output_dir: str
+    config_sha256: str
+    parent_id: int | None
+    note: str
+    tags: list[str]
+    dataset_fingerprints: list[dict[str, Any]]
+    metrics: dict[str, Any] | None = Field(default=None, description="last value and step of each metric")
+
+
+class RunPage(BaseModel):
+    total: int
+    runs: list[RunOut]
+
+
+def _rejected(err: ConfigRejected) -> JSONResponse:
+    return JSONResponse({"detail": "the config was rejected", "problems": err.problems}, status_code=422)
+
+
+def build_api(runs: RunService, request_user: Callable[[Request], User | None]) -> APIRouter:
+    def user_of(request: Request) -> User:
+        user = request_user(request)
+        if user is None:
+            raise HTTPException(401, "sign in first: send 'Authorization: Bearer <token>' (make a token in the "
+                                     "Account tab or with `llamaboard-portal tokens create`)")
+        return user
+
+    router = APIRouter(prefix=API_PREFIX, tags=["runs"])
+    you = Depends(user_of)
+
+    def as_out(run, with_metrics: bool = False, user: User | None = None) -> dict[str, Any]:
+        out = run_to_dict(run, runs.mlflow_url(run))
+        if with_metrics and user is not None:
+            try:
+                out["metrics"] = metrics_summary(runs.metrics(user, run.id))
+            except Exception:  # MLflow down: the run itself still answers
+                out["metrics"] = None
+        return out
+
+    @router.get("/me")
+    def me(user: User = you) -> dict[str, Any]:
+        return {"username": user.username, "is_admin": user.is_admin, "portal_version": __version__}
+
+    @router.post("/validate", response_model=ValidationOut)
+    def validate(body: ConfigIn, user: User = you):
+        try:
+            prepared = runs.validate_yaml(user, body.yaml, body.name)
+        except ConfigRejected as err:
+            return {"valid": False, "problems": err.problems, "name": body.name}
+        return {"valid": True, "problems": {}, "name": prepared.name}
+
+    @router.post("/runs", response_model=RunOut, status_code=201,
+                 responses={422: {"description": "the config was rejected: `problems` names each bad key"}})
+    def submit(body: ConfigIn, user: User = you):
+        try:
+            run = runs.submit_yaml(user, body.yaml, body.name, source="api")
+        except ConfigRejected as err:
+            return _rejected(err)
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
+
+    @router.get("/runs", response_model=RunPage)
+    def list_runs(user: User = you, status: list[str] | None = Query(default=None), search: str | None = None,
+                  model: str | None = None, dataset: str | None = None, stage: str | None = None,
+                  method: str | None = None, owner: str | None = None, sort: str = "newest",
+                  limit: int = Query(default=50, ge=1, le=500), offset: int = Query(default=0, ge=0)):
+        query = RunQuery(status=status, model=model, dataset=dataset, stage=stage, method=method, owner=owner,
+                         search=search, sort=sort, limit=limit, offset=offset)
+        try:
+            page, total = runs.search_runs(user, query)
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from err
+        return {"total": total, "runs": [as_out(r) for r in page]}
+
+    @router.get("/runs/{run_id}", response_model=RunOut)
+    def get_run(run_id: int, user: User = you):
+        try:
+            return as_out(runs.get_run(user, run_id), with_metrics=True, user=user)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+
+    @router.get("/runs/{run_id}/logs", response_class=PlainTextResponse,
+                responses={200: {"description": "log text; header X-Log-Offset: where to continue with ?offset="}})
+    def logs(run_id: int, user: User = you, offset: int | None = Query(default=None, ge=0),
+             tail: int = Query(default=64_000, ge=1, le=10_000_000)):
+        try:
+            if offset is None:
+                text = runs.logs(user, run_id, tail_bytes=tail)
+                _, end = runs.log_since(user, run_id, 1 << 62)  # past the end: just the log's size
+            else:
+                text, end = runs.log_since(user, run_id, offset)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        return PlainTextResponse(text, headers={"X-Log-Offset": str(end)})
+
+    @router.post("/runs/{run_id}/cancel", response_model=RunOut)
+    async def cancel(run_id: int, user: User = you):
+        try:  # waits for the job to stop (seconds): off the event loop
+            run = await run_in_threadpool(runs.cancel, user, run_id)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
+
+    return router

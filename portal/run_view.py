@@ -1,0 +1,35 @@
+"""A run as JSON: what the HTTP API returns and `--json` prints (one shape for both)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .models import Run
+from .tracking import MetricPoint
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def run_to_dict(run: Run, mlflow_url: str | None) -> dict[str, Any]:
+    return {
+        "id": run.id, "name": run.name, "owner": run.owner, "status": run.status.value,
+        "status_reason": run.status_reason, "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at), "exit_code": run.exit_code, "mlflow_run_id": run.mlflow_run_id,
+        "final_loss": run.final_loss, "model": run.model_name_or_path, "datasets": run.datasets, "stage": run.stage,
+        "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "config_sha256": run.config_sha256,
+        "mlflow_url": mlflow_url, "parent_id": run.parent_id, "note": run.note,
+        "tags": [t for t in run.tags.split(",") if t],
+        "dataset_fingerprints": json.loads(run.dataset_fingerprints or "[]"),
+    }
+
+
+def metrics_summary(points: list[MetricPoint]) -> dict[str, Any]:
+    """The last value and step of each metric, and how many points there are."""
+    summary: dict[str, Any] = {}
+    for point in sorted(points, key=lambda p: p.step):
+        summary[point.key] = {"last": point.value, "step": point.step,
+                              "points": summary.get(point.key, {}).get("points", 0) + 1}
+    return summary

@@ -1,0 +1,310 @@
+"""RunService with ``launcher: kubernetes``: a real submit (policy, validation, MLflow run) whose
+Job goes to the HTTP fake of the API server (tests/k8s_fake_api.py), which the tests drive as a
+cluster would (pods pending, running, ending; Kueue; deletions; faults). Nothing trains here.
+
+What a run shows while its Job waits: ``starting`` (with the cluster's reason: "queued: waiting
+for quota in ...", "waiting for a node: ...") until its pod runs, then ``running``."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import demo_form, submit_form
+from k8s_fake_api import FakeKubernetes
+
+from portal.launchers import k8s_manifests as m
+from portal.launchers.k8s_settings import KubernetesSettings
+from portal.launchers.kubernetes import OOM_REASON, KubernetesLauncher
+from portal.models import Run, RunStatus, utcnow
+from portal.runs import PortalError
+
+NS = "llamaboard"
+UNSCHEDULABLE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+
+
+@pytest.fixture
+def fake():
+    with FakeKubernetes() as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(fake, make_services):
+    """Portal services on the Kubernetes launcher, talking to ``fake``. (``fake`` comes first, so
+    it is still up when make_services' teardown stops the runs' jobs.)"""
+
+    def build(**overrides):
+        k8s = {"api_retries": 1, "api_timeout_seconds": 2.0, **overrides.pop("k8s", {})}
+        services = make_services(launcher="kubernetes", gpus_per_run=1,
+                                 kubernetes=KubernetesSettings(**k8s), **overrides)
+        services.runs.launcher = KubernetesLauncher(services.settings, api_client=fake.api_client(),
+                                                    retry_base_delay=0.01, poll_interval=0.01)
+        runs = services.runs
+        user = runs.ensure_user("alice")
+        model_dir = services.settings.shared_models_root / "tiny-llama"
+
+        def submit(name: str) -> Run:
+            return submit_form(runs, user, demo_form(model_dir, name))
+
+        return services, runs, user, submit
+
+    return build
+
+
+def job_of(fake: FakeKubernetes, run: Run) -> dict:
+    job = fake.get("jobs", NS, m.job_name(run.id))
+    assert job is not None, f"no Job for run {run.id}"
+    return job
+
+
+def env_of(job: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def count_writes(runs, monkeypatch) -> list:
+    """Every RunService._set from now on."""
+    calls: list = []
+    original = runs._set
+
+    def counting(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_set", counting)
+    return calls
+
+
+def test_a_submit_makes_a_job_with_the_runs_labels_gpu_and_mlflow_run(cluster, fake):
+    services, _, _, submit = cluster()
+    assert services.settings.gpu_ids == []  # the portal's machine has no GPU: the run still asks for one
+
+    run = submit("on_k8s")
+
+    assert run.status == RunStatus.starting  # handed to the cluster, not running yet
+    assert run.gpus == 1 and run.launcher == "kubernetes"
+    assert run.status_reason == f"submitted to Kubernetes as Job {NS}/{m.job_name(run.id)}: waiting for the cluster to run it"
+    config = yaml.safe_load(run.config_yaml)
+    assert "use_cpu" not in config  # a GPU job, although this machine (where it was validated) has none
+    assert config["preprocessing_num_workers"] == 4  # the pod's CPU request, not this machine's cores
+    job = job_of(fake, run)
+    labels = job["metadata"]["labels"]
+    assert labels[m.LABEL_RUN_ID] == str(run.id) and labels[m.LABEL_OWNER] == "alice"
+    assert labels[m.LABEL_EXPERIMENT] == services.tracker.experiment_name
+    assert job["metadata"]["annotations"][m.ANNOTATION_CONFIG_SHA256] == run.config_sha256
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "1" and resources["requests"]["nvidia.com/gpu"] == "1"
+    env = env_of(job)
+    assert env["MLFLOW_RUN_ID"] == run.mlflow_run_id
+    assert env["MLFLOW_EXPERIMENT_NAME"] == services.tracker.experiment_name
+    assert env["MLFLOW_TRACKING_URI"] == services.tracker.tracking_uri
+    assert fake.get("configmaps", NS, m.config_map_name(run.id))["data"]["config.yaml"] == run.config_yaml
+    state = json.loads(run.launcher_state)
+    assert (state["job"], state["uid"]) == (m.job_name(run.id), job["metadata"]["uid"])
+    assert state["log_path"] == str(Path(run.run_dir) / "job.log")
+    assert "gpu_ids" not in state  # no local GPU accounting
+
+
+def test_a_job_waiting_for_a_node_says_why_then_runs(cluster, fake, monkeypatch):
+    _, runs, user, submit = cluster()
+    run = submit("unschedulable")
+    pod = fake.add_pod(NS, m.job_name(run.id))
+    fake.unschedulable(NS, pod, UNSCHEDULABLE)
+
+    runs.poll_active()
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.status_reason) == (RunStatus.starting, f"waiting for a node: {UNSCHEDULABLE}")
+    writes = count_writes(runs, monkeypatch)
+    runs.poll_active()
+    runs.poll_active()
+    assert writes == []  # nothing changed: nothing written
+    assert runs.get_run(user, run.id).status == RunStatus.starting
+
+    fake.run(NS, pod, node="gpu-node-7")
+    runs.poll_active()
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.status_reason) == (RunStatus.running, "running on gpu-node-7")
+    assert run.started_at is not None
+    assert len(writes) == 1
+
+
+def test_kueue_holds_the_run_in_its_queue(cluster, fake):
+    _, runs, user, submit = cluster(k8s={"kueue_queue": "team-a"})
+    run = submit("queued_in_kueue")
+    assert job_of(fake, run)["spec"]["suspend"] is True
+
+    runs.poll_active()
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.status_reason) == (RunStatus.starting, "queued: waiting for quota in team-a")
+
+    fake.admit(NS, m.job_name(run.id))
+    fake.run(NS, fake.add_pod(NS, m.job_name(run.id)))
+    runs.poll_active()
+    assert runs.get_run(user, run.id).status == RunStatus.running
+
+
+def test_an_api_that_does_not_answer_does_not_end_the_run(cluster, fake):
+    _, runs, user, submit = cluster()
+    run = submit("api_down")
+    fake.run(NS, fake.add_pod(NS, m.job_name(run.id)))
+    runs.poll_active()
+    assert runs.get_run(user, run.id).status == RunStatus.running
+
+    fake.fail("GET", rf"/jobs/{m.job_name(run.id)}$", 503, times=2)  # api_retries 1: two answers, both 503
+    runs.poll_active()
+    run = runs.get_run(user, run.id)
+    assert run.status == RunStatus.running
+    assert run.status_reason.startswith("status unknown: ") and "503" in run.status_reason
+
+    runs.poll_active()  # the API is back
+    assert runs.get_run(user, run.id).status_reason == "running on gpu-node-1"
+
+
+def test_a_completed_job_succeeds_and_keeps_its_log_after_the_job_is_deleted(cluster, fake):
+    services, runs, user, submit = cluster()
+    run = submit("succeeds")
+    pod = fake.add_pod(NS, m.job_name(run.id))
+    fake.run(NS, pod)
+    fake.write_log(NS, pod, "step 1 loss 2.0\n")
+    runs.poll_active()
+    assert runs.logs(user, run.id) == "step 1 loss 2.0\n"  # from the pod while it runs
+    assert not (Path(run.run_dir) / "job.log").exists()
+
+    fake.write_log(NS, pod, "training done\n")
+    fake.terminate(NS, pod, 0)
+    fake.set_condition(NS, m.job_name(run.id), "Complete")
+    runs.poll_active()
+
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.exit_code, run.status_reason) == (RunStatus.succeeded, 0, None)
+    assert (Path(run.run_dir) / "job.log").read_text() == "step 1 loss 2.0\ntraining done\n"
+    assert services.tracker.client.get_run(run.mlflow_run_id).info.status == "FINISHED"
+
+    fake.delete("jobs", NS, m.job_name(run.id))  # the TTL controller takes the Job and its pods
+    asked = len(fake.requests)
+    assert runs.logs(user, run.id) == "step 1 loss 2.0\ntraining done\n"
+    assert len(fake.requests) == asked  # an ended run's log is the saved file: the API is not asked
+    runs.poll_active()
+    assert runs.get_run(user, run.id).status == RunStatus.succeeded
+
+
+def test_out_of_memory_fails_the_run_with_the_reason(cluster, fake):
+    services, runs, user, submit = cluster()
+    run = submit("oom")
+    for _ in range(3):  # backoffLimit 2: three tries, each killed
+        pod = fake.add_pod(NS, m.job_name(run.id))
+        fake.run(NS, pod)
+        fake.write_log(NS, pod, "loading the model\n")
+        fake.terminate(NS, pod, 137, reason="OOMKilled")
+    fake.set_condition(NS, m.job_name(run.id), "Failed", reason="BackoffLimitExceeded",
+                       message="Job has reached the specified backoff limit")
+    runs.poll_active()
+
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.exit_code) == (RunStatus.failed, 137)
+    assert run.status_reason.startswith(OOM_REASON)
+    assert "loading the model" in (Path(run.run_dir) / "job.log").read_text()
+    assert services.tracker.client.get_run(run.mlflow_run_id).info.status == "FAILED"
+
+
+def test_cancel_deletes_the_job_and_the_run_ends_cancelled(cluster, fake):
+    services, runs, user, submit = cluster()
+    run = submit("cancel_me")
+    pod = fake.add_pod(NS, m.job_name(run.id))
+    fake.run(NS, pod)
+    fake.write_log(NS, pod, "epoch 1\n")
+    runs.poll_active()
+
+    run = runs.cancel(user, run.id)
+
+    assert (run.status, run.status_reason) == (RunStatus.cancelled, "cancelled (requested by alice)")
+    assert fake.get("jobs", NS, m.job_name(run.id)) is None and fake.list("pods") == []
+    delete = next(r for r in fake.requests if r.method == "DELETE" and r.path.endswith(f"/jobs/{m.job_name(run.id)}"))
+    assert delete.body["preconditions"] == {"uid": json.loads(run.launcher_state)["uid"]}
+    assert (Path(run.run_dir) / "job.log").read_text() == "epoch 1\n"  # saved before the pods went
+    assert services.tracker.client.get_run(run.mlflow_run_id).info.status == "KILLED"
+
+
+def test_a_refused_cancel_keeps_the_run_and_says_why(cluster, fake):
+    _, runs, user, submit = cluster()
+    run = submit("cannot_cancel")
+    fake.run(NS, fake.add_pod(NS, m.job_name(run.id)))
+    runs.poll_active()
+    fake.fail("DELETE", r"/jobs/", 403)
+
+    with pytest.raises(PortalError, match=r"marked to be cancelled, but its job could not be stopped: .*may not "
+                                          r"delete jobs in namespace llamaboard: grant delete on batch/jobs"):
+        runs.cancel(user, run.id)
+
+    run = runs.get_run(user, run.id)
+    assert run.status == RunStatus.running and run.cancel_requested
+    assert fake.get("jobs", NS, m.job_name(run.id)) is not None  # nothing lost
+    runs.poll_active()  # the supervisor goes on following it, and keeps the cancel's reason
+    assert runs.get_run(user, run.id).status_reason == "cancelling (requested by alice)"
+
+    run = runs.cancel(user, run.id)  # allowed now
+    assert run.status == RunStatus.cancelled
+    assert fake.get("jobs", NS, m.job_name(run.id)) is None
+
+
+def _left_starting(runs, run: Run, minutes_ago: float) -> None:
+    """As if the portal stopped after creating the run's Job, before it stored the Job's state."""
+    runs._set(run.id, status=RunStatus.starting, launcher_state="{}", status_reason=None,
+              started_at=utcnow() - timedelta(minutes=minutes_ago))
+
+
+def test_a_run_left_starting_adopts_its_job_after_a_restart(cluster, fake):
+    services, runs, user, submit = cluster()
+    run = submit("adopted")
+    state = json.loads(run.launcher_state)
+    _left_starting(runs, run, minutes_ago=10)  # long past the 120 s after which a run without a job fails
+    runs.launcher = KubernetesLauncher(services.settings, api_client=fake.api_client(), retry_base_delay=0.01)
+    fake.run(NS, fake.add_pod(NS, m.job_name(run.id)))
+
+    runs.poll_active()  # what the new portal process's supervisor does first
+
+    run = runs.get_run(user, run.id)
+    assert (run.status, run.status_reason) == (RunStatus.running, "running on gpu-node-1")
+    adopted = json.loads(run.launcher_state)
+    assert adopted == state  # what the start that was cut short would have stored
+    assert adopted["log_path"] == str(Path(run.run_dir) / "job.log")
+
+
+def test_a_run_left_starting_without_its_job_fails(cluster, fake):
+    _, runs, user, submit = cluster(max_concurrent_runs=5)
+    gone, foreign = submit("no_job_left"), submit("not_its_job")
+    fake.delete("jobs", NS, m.job_name(gone.id))
+    # a Job with this run's id but another config (an older database's run 2, say): not this run's
+    fake.modify("jobs", NS, m.job_name(foreign.id),
+                lambda job: job["metadata"]["annotations"].update({m.ANNOTATION_CONFIG_SHA256: "0" * 64}))
+    recent = submit("just_left")
+    fake.delete("jobs", NS, m.job_name(recent.id))
+    _left_starting(runs, gone, minutes_ago=10)
+    _left_starting(runs, foreign, minutes_ago=10)
+    _left_starting(runs, recent, minutes_ago=0)
+
+    runs.poll_active()
+
+    for run in (gone, foreign):
+        run = runs.get_run(user, run.id)
+        assert (run.status, run.status_reason) == (RunStatus.failed, "the portal stopped while it was starting this job")
+        assert run.launcher_state == "{}"
+    recent = runs.get_run(user, recent.id)
+    assert recent.status == RunStatus.starting  # within 120 s: it may still be being submitted
+
+
+def test_the_portals_run_limit_still_holds_on_a_cluster(cluster, fake):
+    _, runs, user, submit = cluster(max_concurrent_runs=1)
+    first, second = submit("first"), submit("second")
+    assert runs.get_run(user, second.id).status == RunStatus.queued
+    assert fake.get("jobs", NS, m.job_name(second.id)) is None
+
+    fake.set_condition(NS, m.job_name(first.id), "Complete")
+    runs.poll_active()
+    runs.dispatch()
+    assert runs.get_run(user, first.id).status == RunStatus.succeeded
+    assert runs.get_run(user, second.id).status == RunStatus.starting
+    assert job_of(fake, second)["metadata"]["labels"][m.LABEL_RUN_ID] == str(second.id)
