@@ -1,6 +1,6 @@
 """Run every benchmark in sequence (each in its own process) and print one summary table.
 
-usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login|security|datasets|history|chat]
+usage: .venv/bin/python bench/run_all.py [--quick] [--only launcher|curves|login|security|datasets|history|chat|api]
                                           [--repeats N] [--viewers N] [--duration S]
 (`make bench` runs it with the defaults.) Exit status 0 when every benchmark ran, whatever its
 figures: budgets are reported as OK / OVER BUDGET, never failed on; 1 when a benchmark broke.
@@ -39,7 +39,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 launcher pairs, curves phases of 8 s (figures are noisier)")
-    p.add_argument("--only", choices=["launcher", "curves", "login", "security", "datasets", "history", "chat"])
+    p.add_argument("--only", choices=["launcher", "curves", "login", "security", "datasets", "history", "chat",
+                                      "api"])
     p.add_argument("--repeats", type=int, help="launcher-overhead pairs (default 5, --quick 2)")
     p.add_argument("--viewers", type=int, help="live-curves viewers (default 50)")
     p.add_argument("--duration", type=float, help="live-curves seconds per phase (default 20, --quick 8)")
@@ -172,6 +173,29 @@ def main() -> int:
                          f"{r['portal_ttft_ms']['median']:.1f}, {r['direct_ttft_ms']['median']:.1f}", "", ""))
             rows.append(("", "first chat of a run (starts its server)", f"{r['first_chat_ttft_s']:.2f} s",
                          "(recorded)", ""))
+
+    if opts.only in (None, "api"):
+        since = time.time()
+        code, times["api_git"] = run("bench_api_git.py", ["--quick"] if opts.quick else [])
+        r = load("api_git", since)
+        if code != 0 or r is None:
+            broken.append(f"bench_api_git.py (exit {code})")
+        else:
+            n, me, lst = r["params"]["requests"], r["api"]["me"], r["api"]["runs"]
+            rows.append(("API tokens", f"GET /api/me p50 token / no header ({n} req.)",
+                         f"{me['token']['p50_ms']:.2f} / {me['none']['p50_ms']:.2f} ms ({me['added_p50_ms']:+.2f})",
+                         "(recorded)", ""))
+            rows.append(("", f"GET /api/runs?limit=50 p50 / p95, token ({r['params']['runs']} runs)",
+                         f"{lst['token']['p50_ms']:.1f} / {lst['token']['p95_ms']:.1f} ms", "(recorded)", ""))
+            g = r["git"]
+            rows.append(("git export", f"export p50 / p95 ({g['export']['n']} commits)",
+                         f"{g['export']['p50_ms']:.0f} / {g['export']['p95_ms']:.0f} ms", "(recorded)", ""))
+            rows.append(("", "unchanged re-export, list_configs p50",
+                         f"{g['unchanged']['p50_ms']:.0f}, {g['list_configs']['p50_ms']:.0f} ms", "(recorded)", ""))
+            rows.append(("", "first export, cold cache (median)", f"{g['cold']['p50_ms']:.0f} ms", "(recorded)", ""))
+            one, two = r["k8s"]["1 node (Job)"]["total"], r["k8s"]["2 nodes (JobSet)"]["total"]
+            rows.append(("k8s manifests", "build + to_yaml p50: 1 node, 2 nodes (JobSet)",
+                         f"{one['p50_ms']:.2f}, {two['p50_ms']:.2f} ms", "(recorded)", ""))
 
     print()
     print(f"== summary ({time.strftime('%Y-%m-%d %H:%M')}, {C.machine()['cpus']} CPUs) ==")
