@@ -25,6 +25,10 @@ from .runs import ConfigRejected, NotFound, PortalError, RunService
 class ConfigIn(BaseModel):
     yaml: str = Field(description="the LLaMA-Factory config, as YAML text")
     name: str | None = Field(default=None, description="run name (default: the config's output_dir)")
+    gpus: int | None = Field(default=None, description="GPUs per node (default: the portal's gpus_per_run); "
+                                                       "Kubernetes launcher only")
+    nodes: int = Field(default=1, description="nodes the run trains on, each with `gpus` GPUs; more than 1 needs "
+                                              "the Kubernetes launcher and 1 or more GPUs per node")
 
 
 class ValidationOut(BaseModel):
@@ -51,6 +55,8 @@ class RunOut(BaseModel):
     stage: str
     finetuning_type: str
     output_dir: str
+    gpus: int = Field(description="all the run's GPUs (per node x nodes)")
+    nodes: int
     config_sha256: str
     parent_id: int | None
     note: str
@@ -95,7 +101,7 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
     @router.post("/validate", response_model=ValidationOut)
     def validate(body: ConfigIn, user: User = you):
         try:
-            prepared = runs.validate_yaml(user, body.yaml, body.name)
+            prepared = runs.validate_yaml(user, body.yaml, body.name, gpus_per_node=body.gpus, nodes=body.nodes)
         except ConfigRejected as err:
             return {"valid": False, "problems": err.problems, "name": body.name}
         return {"valid": True, "problems": {}, "name": prepared.name}
@@ -104,7 +110,8 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
                  responses={422: {"description": "the config was rejected: `problems` names each bad key"}})
     def submit(body: ConfigIn, user: User = you):
         try:
-            run = runs.submit_yaml(user, body.yaml, body.name, source="api")
+            run = runs.submit_yaml(user, body.yaml, body.name, source="api", gpus_per_node=body.gpus,
+                                   nodes=body.nodes)
         except ConfigRejected as err:
             return _rejected(err)
         except PortalError as err:

@@ -124,11 +124,14 @@ def remote_validate(args: argparse.Namespace, client) -> int:
 
 @_remote
 def remote_submit(args: argparse.Namespace, client) -> int:
+    if args.dry_run:
+        print("error: --dry-run prints the manifests on this machine: leave out --server", file=sys.stderr)
+        return EXIT_USAGE
     text = _read_config_file(args.file)
     if text is None:
         return EXIT_USAGE
     name = args.name or (None if "output_dir" in text else _cli_name(Path(args.file).stem))
-    run = client.submit(text, name)
+    run = client.submit(text, name, gpus=args.gpus, nodes=args.nodes)
     if not args.json:
         _print_run_line(run)
     if args.wait:
@@ -348,10 +351,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print("error: --dry-run prints Kubernetes manifests: add --launcher kubernetes", file=sys.stderr)
             return EXIT_USAGE
         return dry_run_manifests(args)
-    if args.gpus is not None or args.nodes != 1:
-        print("error: --gpus and --nodes go with --launcher kubernetes --dry-run; a submitted run takes the "
-              "portal's gpus_per_run", file=sys.stderr)
-        return EXIT_USAGE
     services = _services(args, launcher=args.launcher)
     user = _local_user(services)
     try:
@@ -368,7 +367,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
     name = args.name or (None if config.get("output_dir") else _cli_name(Path(args.file).stem))
     try:
-        run = services.runs.submit_args(user, config, name=name, source="cli")
+        run = services.runs.submit_args(user, config, name=name, source="cli", gpus_per_node=args.gpus,
+                                        nodes=args.nodes)
     except ConfigRejected as err:
         return _rejected(args.file, err)
     except PortalError as err:
@@ -762,8 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the run goes (default: the portal's launcher setting)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --launcher kubernetes: print the manifests it would create, create nothing")
-    p.add_argument("--gpus", type=int, help="with --dry-run: GPUs per node (default: gpus_per_run)")
-    p.add_argument("--nodes", type=int, default=1, help="with --dry-run: nodes (several: a JobSet or an Indexed Job)")
+    p.add_argument("--gpus", type=int, help="Kubernetes launcher: GPUs per node (default: gpus_per_run)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="Kubernetes launcher: nodes, each with --gpus GPUs (several: a JobSet or an Indexed Job)")
     p.set_defaults(func=_with_server(cmd_submit, remote_submit))
 
     p = sub.add_parser("runs", parents=[common, remote], help="list runs: filters, search, sort and paging")

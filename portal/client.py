@@ -67,8 +67,10 @@ class PortalClient:
     def validate(self, yaml_text: str, name: str | None = None) -> dict[str, Any]:
         return self._call("POST", "/validate", json={"yaml": yaml_text, "name": name}).json()
 
-    def submit(self, yaml_text: str, name: str | None = None) -> dict[str, Any]:
-        return self._call("POST", "/runs", json={"yaml": yaml_text, "name": name}).json()
+    def submit(self, yaml_text: str, name: str | None = None, *, gpus: int | None = None,
+               nodes: int = 1) -> dict[str, Any]:
+        """``gpus`` (per node) and ``nodes``: on a portal with the Kubernetes launcher only."""
+        return self._call("POST", "/runs", json={"yaml": yaml_text, "name": name, "gpus": gpus, "nodes": nodes}).json()
 
     def run(self, run_id: int) -> dict[str, Any]:
         return self._call("GET", f"/runs/{run_id}").json()

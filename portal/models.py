@@ -75,7 +75,8 @@ class Run(SQLModel, table=True):
     mlflow_run_id: str | None = Field(default=None, max_length=64)
     launcher: str = "local"
     launcher_state: str = "{}"  # JSON dict owned by the launcher (pid + start time locally)
-    gpus: int = 0
+    gpus: int = 0  # all the run's GPUs: per node x nodes
+    nodes: int = 1  # more than one on a cluster only (Kubernetes)
     exit_code: int | None = None
     final_loss: float | None = Field(default=None, index=True)  # the history's "best first" sort
     cancel_requested: bool = False

@@ -19,8 +19,8 @@ def run_to_dict(run: Run, mlflow_url: str | None) -> dict[str, Any]:
         "status_reason": run.status_reason, "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at), "exit_code": run.exit_code, "mlflow_run_id": run.mlflow_run_id,
         "final_loss": run.final_loss, "model": run.model_name_or_path, "datasets": run.datasets, "stage": run.stage,
-        "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "config_sha256": run.config_sha256,
-        "mlflow_url": mlflow_url, "parent_id": run.parent_id, "note": run.note,
+        "finetuning_type": run.finetuning_type, "output_dir": run.output_dir, "gpus": run.gpus, "nodes": run.nodes,
+        "config_sha256": run.config_sha256, "mlflow_url": mlflow_url, "parent_id": run.parent_id, "note": run.note,
         "tags": [t for t in run.tags.split(",") if t],
         "dataset_fingerprints": json.loads(run.dataset_fingerprints or "[]"),
     }

@@ -83,10 +83,11 @@ class Prepared:
     args: dict[str, Any]
     yaml: str
     run_dir: Path
-    gpus: int
+    gpus: int  # all the run's GPUs: per node x nodes
     notes: list[str]
     datasets: dict[str, Any] = field(default_factory=dict)  # pinned dataset_info entries (absolute files)
     fingerprints: list[dict[str, Any]] = field(default_factory=list)
+    nodes: int = 1
 
 
 def llamafactory_cli() -> str:
@@ -219,6 +220,36 @@ class RunService:
             return self.settings.gpus_per_run
         return min(self.settings.gpus_per_run, len(self.settings.gpu_ids)) if self.settings.gpu_ids else 0
 
+    def _placement(self, gpus_per_node: int | None, nodes: int) -> tuple[int, int]:
+        """The GPUs per node and the nodes a run gets: the portal's gpus_per_run on one node
+        unless the user asks for more, which only a cluster can give. Raises ConfigRejected
+        naming "gpus" or "nodes"."""
+        problems: dict[str, str] = {}
+        if not self._on_cluster:
+            if gpus_per_node is not None:
+                problems["gpus"] = (f"runs here get the portal's {self._gpus_per_run()} GPU(s) (gpus_per_run): "
+                                    "choosing the GPUs of a run needs the Kubernetes launcher (launcher: kubernetes)")
+            if nodes != 1:
+                problems["nodes"] = (f"{nodes} nodes: several nodes need the Kubernetes launcher (launcher: "
+                                     "kubernetes); this portal runs jobs on its own machine, so leave nodes at 1")
+            if problems:
+                raise ConfigRejected(problems)
+            return self._gpus_per_run(), 1
+        k8s = self.settings.kubernetes
+        gpus = self.settings.gpus_per_run if gpus_per_node is None else gpus_per_node
+        if gpus_per_node is not None and not 0 <= gpus_per_node <= k8s.max_gpus_per_node:
+            problems["gpus"] = (f"{gpus_per_node} GPUs per node: choose 0 to {k8s.max_gpus_per_node} "
+                                "(kubernetes.max_gpus_per_node; ask an admin for more)")
+        if not 1 <= nodes <= k8s.max_nodes:
+            problems["nodes"] = (f"{nodes} nodes: choose 1 to {k8s.max_nodes} "
+                                 "(kubernetes.max_nodes; ask an admin for more)")
+        elif nodes > 1 and gpus < 1:
+            problems["nodes"] = (f"{nodes} nodes need 1 or more GPUs per node (gpus): training on several nodes "
+                                 "uses GPUs; ask for GPUs or leave nodes at 1")
+        if problems:
+            raise ConfigRejected(problems)
+        return gpus, nodes
+
     def _job_cpus(self) -> int:
         if self.settings.job_cpus:
             return self.settings.job_cpus
@@ -227,9 +258,12 @@ class RunService:
         return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_runs)
 
     def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True,
-                datasets_of: Run | None = None) -> Prepared:
+                datasets_of: Run | None = None, gpus_per_node: int | None = None, nodes: int = 1) -> Prepared:
         """Policy + validation; raises ConfigRejected naming every bad key. ``datasets_of``: pin
-        the dataset versions that run used (a clone) instead of the newest ones."""
+        the dataset versions that run used (a clone) instead of the newest ones. ``gpus_per_node``
+        (default: gpus_per_run) and ``nodes``: chosen per run on a cluster only."""
+        gpus_per_node, nodes = self._placement(gpus_per_node, nodes)
+        gpus = gpus_per_node * nodes
         space = self.space(user)
         raw_output = str(args.get("output_dir") or "")
         if not name and ".." in Path(raw_output).parts:
@@ -241,10 +275,9 @@ class RunService:
         except ValueError as err:
             raise ConfigRejected({"output_dir": str(err)}) from err
         run_dir = space.run_dir(name)
-        gpus = self._gpus_per_run()
         self.catalog.sync_user_datasets(space)
         result = apply_policy(args, settings=self.settings, catalog=self.catalog, space=space, run_dir=run_dir,
-                              gpus=gpus, cpus=self._job_cpus())
+                              gpus=gpus_per_node, cpus=self._job_cpus())
         problems = dict(result.problems)
         cap = self.settings.max_gpus_per_user
         if cap is not None and gpus > cap and not user.is_admin:
@@ -273,7 +306,7 @@ class RunService:
         args.setdefault("media_dir", str(space.datasets_dir))  # images/videos named relative to the user's data
         header = f"LLaMA Board Portal run '{name}' of {user.username}; portal {__version__}, llamafactory 0.9.5"
         return Prepared(name=name, args=args, yaml=lbc.args_to_yaml(args, header=header), run_dir=run_dir,
-                        gpus=gpus, notes=result.notes, datasets=pinned, fingerprints=fingerprints)
+                        gpus=gpus, nodes=nodes, notes=result.notes, datasets=pinned, fingerprints=fingerprints)
 
     @staticmethod
     def parse_config(text: str | bytes) -> dict[str, Any]:
@@ -287,18 +320,24 @@ class RunService:
         except lbc.YamlError as err:
             raise ConfigRejected({"yaml": str(err)}) from err
 
-    def validate_yaml(self, user: User, text: str | bytes, name: str | None = None) -> Prepared:
+    def validate_yaml(self, user: User, text: str | bytes, name: str | None = None, *,
+                      gpus_per_node: int | None = None, nodes: int = 1) -> Prepared:
         """The checks of a submit, without submitting; raises ConfigRejected naming every bad key."""
-        return self.prepare(user, self.parse_config(text), name, for_submit=False)
+        return self.prepare(user, self.parse_config(text), name, for_submit=False, gpus_per_node=gpus_per_node,
+                            nodes=nodes)
 
-    def submit_yaml(self, user: User, text: str | bytes, name: str | None = None, source: str = "yaml") -> Run:
-        return self.submit_args(user, self.parse_config(text), name=name, source=source)
+    def submit_yaml(self, user: User, text: str | bytes, name: str | None = None, source: str = "yaml", *,
+                    gpus_per_node: int | None = None, nodes: int = 1) -> Run:
+        return self.submit_args(user, self.parse_config(text), name=name, source=source,
+                                gpus_per_node=gpus_per_node, nodes=nodes)
 
     def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api",
-                    parent: Run | None = None, same_data: bool = False) -> Run:
+                    parent: Run | None = None, same_data: bool = False, *, gpus_per_node: int | None = None,
+                    nodes: int = 1) -> Run:
         """``parent``: the run this one was cloned from (recorded); ``same_data``: train on the
-        dataset versions the parent used."""
-        prepared = self.prepare(user, args, name, datasets_of=parent if same_data else None)
+        dataset versions the parent used; ``gpus_per_node``, ``nodes``: see ``prepare``."""
+        prepared = self.prepare(user, args, name, datasets_of=parent if same_data else None,
+                                gpus_per_node=gpus_per_node, nodes=nodes)
         run_dir = prepared.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -314,7 +353,7 @@ class RunService:
             model_name_or_path=str(prepared.args.get("model_name_or_path", "")),
             datasets=str(prepared.args.get("dataset", "")), config_yaml=prepared.yaml, config_sha256=sha,
             run_dir=str(run_dir), output_dir=str(prepared.args["output_dir"]), launcher=self.launcher.name,
-            gpus=prepared.gpus, dataset_fingerprints=json.dumps(prepared.fingerprints),
+            gpus=prepared.gpus, nodes=prepared.nodes, dataset_fingerprints=json.dumps(prepared.fingerprints),
             parent_id=parent.id if parent is not None else None,
         )
         with self.db.session() as s:
@@ -330,6 +369,7 @@ class RunService:
             self.tracker.log_params(run.mlflow_run_id, {
                 **dataset_params(prepared.fingerprints), **environment_params(),
                 "portal.seed": prepared.args.get("seed", 42),  # LLaMA-Factory's default when unset
+                "portal.gpus": prepared.gpus, "portal.nodes": prepared.nodes,
             })
             self.tracker.client.log_artifact(run.mlflow_run_id, str(run_dir / CONFIG_FILE))
         except Exception as err:  # tracking down: the run is kept and reported, never launched blind
@@ -608,7 +648,7 @@ class RunService:
         }
         spec = JobSpec(run_id=run.id, name=run.name, owner=run.owner, workdir=run_dir, log_path=run_dir / LOG_FILE,
                        argv=[llamafactory_cli(), "train", str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids,
-                       gpus=run.gpus, nodes=1, config_yaml=run.config_yaml, config_sha256=run.config_sha256,
+                       gpus=run.gpus, nodes=run.nodes, config_yaml=run.config_yaml, config_sha256=run.config_sha256,
                        experiment=self.tracker.experiment_name)
         self._starting.add(run.id)  # poll_active leaves it alone until its state is stored
         try:

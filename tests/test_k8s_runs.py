@@ -14,13 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import demo_form, submit_form
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from k8s_fake_api import FakeKubernetes
 
+from llamaboard_ext.compile import args_to_yaml, form_to_args
+from llamaboard_ext.form import form_defaults
+from portal.api import build_api
 from portal.launchers import k8s_manifests as m
 from portal.launchers.k8s_settings import KubernetesSettings
 from portal.launchers.kubernetes import OOM_REASON, KubernetesLauncher
 from portal.models import Run, RunStatus, utcnow
-from portal.runs import PortalError
+from portal.runs import ConfigRejected, PortalError
 
 NS = "llamaboard"
 UNSCHEDULABLE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
@@ -47,7 +52,10 @@ def cluster(fake, make_services):
         user = runs.ensure_user("alice")
         model_dir = services.settings.shared_models_root / "tiny-llama"
 
-        def submit(name: str) -> Run:
+        def submit(name: str, **placement) -> Run:  # placement: gpus_per_node, nodes
+            if placement:
+                args = form_to_args(demo_form(model_dir, name), form_defaults())
+                return runs.submit_args(user, args, source="form", **placement)
             return submit_form(runs, user, demo_form(model_dir, name))
 
         return services, runs, user, submit
@@ -308,3 +316,76 @@ def test_the_portals_run_limit_still_holds_on_a_cluster(cluster, fake):
     assert runs.get_run(user, first.id).status == RunStatus.succeeded
     assert runs.get_run(user, second.id).status == RunStatus.starting
     assert job_of(fake, second)["metadata"]["labels"][m.LABEL_RUN_ID] == str(second.id)
+
+
+# ---- GPUs per node and nodes, per run ------------------------------------------------------
+
+@pytest.mark.parametrize("multi_node", ["jobset", "indexed"])
+def test_a_run_on_two_nodes_with_four_gpus_each(cluster, fake, multi_node):
+    services, _, _, submit = cluster(k8s={"multi_node": multi_node})
+
+    run = submit("two_nodes", gpus_per_node=4, nodes=2)
+
+    assert (run.gpus, run.nodes, run.status) == (8, 2, RunStatus.starting)  # gpus: the whole run's, for the quota
+    if multi_node == "jobset":
+        workload = fake.get("jobsets", NS, m.job_name(run.id))
+        job_spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"]
+    else:
+        workload = job_of(fake, run)
+        job_spec = workload["spec"]
+    assert json.loads(run.launcher_state)["kind"] == workload["kind"]
+    assert (job_spec["completionMode"], job_spec["completions"], job_spec["parallelism"]) == ("Indexed", 2, 2)
+    container = job_spec["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "4"  # per pod, one pod per node
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    env = env_of({"spec": job_spec})
+    assert (env["NNODES"], env["NPROC_PER_NODE"], env["FORCE_TORCHRUN"]) == ("2", "4", "1")
+    params = services.tracker.client.get_run(run.mlflow_run_id).data.params
+    assert (params["portal.gpus"], params["portal.nodes"]) == ("8", "2")
+
+
+@pytest.mark.parametrize("placement, key, words", [
+    ({"gpus_per_node": 9}, "gpus", "choose 0 to 8 (kubernetes.max_gpus_per_node"),
+    ({"gpus_per_node": -1}, "gpus", "choose 0 to 8"),
+    ({"nodes": 5}, "nodes", "choose 1 to 4 (kubernetes.max_nodes"),
+    ({"nodes": 0}, "nodes", "choose 1 to 4"),
+    ({"gpus_per_node": 0, "nodes": 2}, "nodes", "need 1 or more GPUs per node"),
+])
+def test_gpus_and_nodes_out_of_bounds_are_refused_by_key(cluster, fake, placement, key, words):
+    _, runs, user, submit = cluster()
+    with pytest.raises(ConfigRejected) as info:
+        submit("out_of_bounds", **placement)
+    assert words in info.value.problems[key], info.value.problems
+    assert runs.list_runs(user) == [] and fake.list("jobs") == [] and fake.list("jobsets") == []
+
+
+def test_the_admins_bounds_and_the_user_gpu_cap_count_every_gpu_of_the_run(cluster, fake):
+    _, runs, user, submit = cluster(max_gpus_per_user=6, max_concurrent_runs=3,
+                                    k8s={"max_gpus_per_node": 2, "max_nodes": 8})
+    run = submit("wide", gpus_per_node=2, nodes=3)  # 6 GPUs: within the cap
+    assert (run.gpus, run.nodes) == (6, 3)
+    with pytest.raises(ConfigRejected) as info:
+        submit("too_wide", gpus_per_node=2, nodes=4)  # 8 GPUs
+    assert "a run takes 8 GPU(s) but users may hold 6" in info.value.problems["gpus"]
+    waiting = submit("one_more", gpus_per_node=1)  # 6 + 1 held at once: it waits for the first
+    assert runs.get_run(user, waiting.id).status == RunStatus.queued
+    assert "holds 6 GPU(s); this run needs 1" in runs.get_run(user, waiting.id).status_reason
+
+
+def test_the_api_takes_gpus_and_nodes(cluster, fake):
+    services, runs, user, _ = cluster()
+    app = FastAPI()
+    app.include_router(build_api(runs, lambda request: user))
+    client = TestClient(app)
+    model_dir = services.settings.shared_models_root / "tiny-llama"
+    text = args_to_yaml(form_to_args(demo_form(model_dir, "api_two_nodes"), form_defaults()))
+
+    created = client.post("/api/runs", json={"yaml": text, "gpus": 2, "nodes": 2})
+    assert created.status_code == 201, created.text
+    assert (created.json()["gpus"], created.json()["nodes"]) == (4, 2)
+    assert fake.get("jobsets", NS, m.job_name(created.json()["id"])) is not None
+    refused = client.post("/api/runs", json={"yaml": text.replace("api_two_nodes", "api_x"), "nodes": 9})
+    assert refused.status_code == 422
+    assert "kubernetes.max_nodes" in refused.json()["problems"]["nodes"]
+    checked = client.post("/api/validate", json={"yaml": text, "gpus": 0, "nodes": 2}).json()
+    assert not checked["valid"] and "GPUs per node" in checked["problems"]["nodes"]

@@ -292,6 +292,17 @@ def test_empty_dataset_and_taken_name(rejecting):
     assert "already exists" in problems["output_dir"]
 
 
+def test_gpus_and_nodes_per_run_need_the_kubernetes_launcher(rejecting):
+    services, user, base = rejecting
+    with pytest.raises(ConfigRejected) as info:
+        services.runs.submit_args(user, base, gpus_per_node=2, nodes=2)
+    assert set(info.value.problems) == {"gpus", "nodes"}
+    assert "several nodes need the Kubernetes launcher (launcher: kubernetes)" in info.value.problems["nodes"]
+    assert "Kubernetes launcher" in info.value.problems["gpus"]
+    assert services.runs.list_runs(user) == []  # nothing recorded, nothing launched
+    assert services.runs.prepare(user, base, for_submit=False, nodes=1).nodes == 1  # the default still goes
+
+
 def test_bad_yaml_is_rejected(rejecting):
     services, user, _ = rejecting
     for text, words in [("stage: [sft", "line"), ("- a\n- b\n", "mapping"), ("", "empty"),

@@ -84,6 +84,9 @@ class KubernetesSettings(BaseModel):
     # several nodes: "jobset" (JobSet CRD) or "indexed" (an Indexed Job + a headless Service)
     multi_node: str = "jobset"
     master_port: int = Field(default=29500, ge=1, le=65535)
+    # what one run may ask for (submit --gpus/--nodes, the API's gpus/nodes); gpus_per_run is the default
+    max_gpus_per_node: int = Field(default=8, ge=1)
+    max_nodes: int = Field(default=4, ge=1)
 
     # environment of the job pods: secrets by reference only (HF_TOKEN, MLflow credentials, ...)
     env_secrets: dict[str, SecretRef] = Field(default_factory=dict)
