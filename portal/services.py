@@ -38,8 +38,24 @@ def ensure_deepspeed_configs(settings: Settings) -> None:
     write_deepspeed_presets(deepspeed_dir(settings))
 
 
+def unreachable_tracking_warning(settings: Settings) -> str | None:
+    """Why jobs on a cluster could not log to MLflow: a loopback tracking address (the embedded
+    server included) means the pod itself, not the portal's machine."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(settings.tracking_uri).hostname or ""
+    if settings.launcher != "kubernetes" or host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"launcher kubernetes with MLflow at {settings.tracking_uri}: job pods cannot reach this machine's "
+            "loopback address, so runs would get no metrics; set PORTAL_MLFLOW_TRACKING_URI to an address the "
+            "pods reach (see docs/admin-guide.md, Kubernetes)")
+
+
 def build_services(settings: Settings, *, start_tracking: bool = True) -> Services:
     settings.ensure_dirs()
+    warning = unreachable_tracking_warning(settings)
+    if warning:
+        log.warning(warning)
     catalog = Catalog(settings)  # first: a bad model catalog stops the start before anything is started
     db = Database(settings.db_url)
     db.migrate()

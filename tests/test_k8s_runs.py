@@ -389,3 +389,16 @@ def test_the_api_takes_gpus_and_nodes(cluster, fake):
     assert "kubernetes.max_nodes" in refused.json()["problems"]["nodes"]
     checked = client.post("/api/validate", json={"yaml": text, "gpus": 0, "nodes": 2}).json()
     assert not checked["valid"] and "GPUs per node" in checked["problems"]["nodes"]
+
+
+def test_a_loopback_mlflow_with_the_kubernetes_launcher_is_warned_about(tmp_path):
+    from portal.config import Settings
+    from portal.services import unreachable_tracking_warning
+
+    embedded = Settings(data_root=tmp_path, launcher="kubernetes")  # the portal's own MLflow on 127.0.0.1
+    assert "PORTAL_MLFLOW_TRACKING_URI" in unreachable_tracking_warning(embedded)
+    assert unreachable_tracking_warning(Settings(data_root=tmp_path, launcher="kubernetes",
+                                                 mlflow_tracking_uri="http://localhost:5000")) is not None
+    assert unreachable_tracking_warning(Settings(data_root=tmp_path, launcher="kubernetes",
+                                                 mlflow_tracking_uri="http://mlflow.ml-platform:5000")) is None
+    assert unreachable_tracking_warning(Settings(data_root=tmp_path)) is None  # local jobs share the loopback

@@ -49,7 +49,8 @@ def build_account_tab(runs: RunService, tokens: TokenService) -> dict[str, Any]:
                            show_copy_button=True, visible=False, elem_id="new-token")
     table = gr.Dataframe(headers=TOKEN_HEADERS, value=tokens_frame([]), interactive=False, elem_id="token-list")
     with gr.Row():
-        revoke_id = gr.Number(label="Token ID", precision=0, minimum=1, scale=1, elem_id="token-revoke-id")
+        # no minimum: an empty field would show as an invalid 0 (the handler checks it)
+        revoke_id = gr.Number(label="Token ID", value=None, precision=0, scale=1, elem_id="token-revoke-id")
         revoke_btn = gr.Button("Revoke", variant="stop", scale=0, elem_id="token-revoke")
 
     def refresh(request: gr.Request):
