@@ -80,8 +80,14 @@ class GitConfigs:
         return choices
 
     def read_args(self, user: User, choice: str) -> dict[str, Any]:
-        """A config from the repository as args (for the form); the same checks as Load YAML."""
+        """A config from the repository as args (for the form); the same checks as Load YAML.
+        Only the base branch and the user's own branch are read: another user's unmerged work is theirs."""
+        exporter = self._exporter()
         branch, _, path = choice.rpartition(":")
-        text = self._exporter().read_config(path, branch or None)
+        own = exporter.target_branch(user.username, "") if self.runs.settings.git_branch_mode == "user" else None
+        if branch and branch not in (self.runs.settings.git_branch, own):
+            raise GitExportError(f"branch {branch}: load configs from {self.runs.settings.git_branch} or your own "
+                                 "branch (the list shows them)")
+        text = exporter.read_config(path, branch or None)
         self.runs.audit(user.username, "git_import", None, choice)
         return self.runs.parse_config(text)

@@ -211,9 +211,7 @@ class RunService:
     # ---- preparing a config --------------------------------------------------------------
     @property
     def _on_cluster(self) -> bool:
-        """Jobs run on a cluster (Kubernetes), not on this machine: the cluster places them, so
-        this machine's GPUs and cores say nothing about a job's."""
-        return self.launcher.name == "kubernetes"
+        return self.launcher.on_cluster
 
     def _gpus_per_run(self) -> int:
         if self._on_cluster:  # what each run asks the cluster for; the portal's machine may have none

@@ -16,7 +16,7 @@ from conftest import ARTIFACTS, _ServerThread, free_port, install_assets, launch
 from test_git_export import refs, show
 
 from portal.git_configs import GitConfigs
-from portal.git_export import EXPORT_MARK, GitExporter
+from portal.git_export import EXPORT_MARK, GitExporter, GitExportError
 from portal.runs import ConfigRejected, NotFound
 
 
@@ -90,6 +90,11 @@ def test_import_lists_base_and_own_branch_and_loads(git_of_trained, trained):
     assert args["dataset"] == "demo_alpaca" and args["output_dir"] == trained["run"].name
     with pytest.raises(Exception, match="outside|escape|not"):
         git_of_trained.read_args(alice, "../../etc/passwd")
+    # another user's unmerged branch is theirs: bob cannot load from portal/alice
+    bob = trained["services"].runs.ensure_user("bob_git")
+    with pytest.raises(GitExportError, match="your own branch"):
+        git_of_trained.read_args(bob, mine[0])
+    assert not [v for label, v in git_of_trained.list_configs(bob) if v.startswith("portal/alice:")]
 
 
 def test_cli_git_export_prints_the_commit(tmp_path, mlflow_server, demo_assets):

@@ -43,6 +43,8 @@ class PollResult:
 
 class Launcher(ABC):
     name: str = "base"
+    # True when a cluster places the jobs: this machine's GPUs and cores say nothing about a job's
+    on_cluster: bool = False
 
     @abstractmethod
     def start(self, spec: JobSpec) -> dict[str, Any]:

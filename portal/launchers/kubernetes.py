@@ -138,6 +138,7 @@ def describe_api_error(status: int, reason: str, message: str, verb: str, resour
 
 class KubernetesLauncher(Launcher):
     name = "kubernetes"
+    on_cluster = True
 
     def __init__(self, settings, *, api_client=None, retry_base_delay: float = 0.5, poll_interval: float = 0.5):
         self.settings = settings
