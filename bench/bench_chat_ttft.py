@@ -9,10 +9,10 @@ each, made once, so both keep their connections alive), streaming the same reque
 (stream=True, the same messages, temperature, top_p and max_tokens):
 
   (a) portal: OpenAI(base_url=<portal>/v1) with model `run-<id>` -- the login guard and the
-      security layer, the gateway's checks, RunService.chat_stream (the run's row, the adapter
+      security layer, the gateway's checks, ChatService.stream (the run's row, the adapter
       check), the portal's own HTTP client to the server and the re-encoded SSE stream all count;
   (b) direct: OpenAI(base_url=<the run's server>/v1, api_key=<its key>) -- the Endpoint from
-      `services.runs.chat_servers.ensure(run)`: the same `llamafactory-cli api` process.
+      `services.chat.local_servers.ensure(run)`: the same `llamafactory-cli api` process.
 
 Time to first token: from the create() call to the first chunk whose delta has non-empty
 content. Each answer is read to its end before the next request (an abandoned stream would
@@ -60,6 +60,22 @@ def one_chat(client, model: str, max_tokens: int) -> dict[str, Any]:
     return {"ttft_s": first, "total_s": total, "pieces": len(pieces), "chars": len("".join(pieces))}
 
 
+def one_service_chat(chat, user, run_id: int, max_tokens: int) -> dict[str, Any]:
+    """The same answer through ChatService.stream_run in this process: no HTTP on the portal's
+    side, so portal - service is what the web layer (middleware, gateway, SSE) adds."""
+    t0 = time.perf_counter()
+    first = None
+    pieces = 0
+    for piece in chat.stream_run(user, run_id, MESSAGES, max_tokens=max_tokens, temperature=0.7, top_p=0.9):
+        if piece and first is None:
+            first = time.perf_counter() - t0
+        pieces += 1
+    total = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError(f"run-{run_id}: the answer had no content")
+    return {"ttft_s": first, "total_s": total, "pieces": pieces}
+
+
 def ms(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] * 1000 for r in rows]
 
@@ -78,7 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cutoff-len", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300, help="the training, s")
     p.add_argument("--keep", action="store_true", help="keep the temp data root")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="sys.setswitchinterval for this process (client, portal and its threads share one GIL "
+                        "here, unlike a deployed portal); default: Python's 5 ms")
     opts = p.parse_args(argv)
+    if opts.switch_interval_ms is not None:
+        sys.setswitchinterval(opts.switch_interval_ms / 1000)
 
     from openai import OpenAI
 
@@ -88,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     C.log(f"{NAME}: {opts.pairs} pairs (+{opts.warmup} warm-up per side), max_tokens {opts.max_tokens}")
     portal: list[dict[str, Any]] = []
     direct: list[dict[str, Any]] = []
+    service: list[dict[str, Any]] = []
     # one server, never stopped for idleness during the benchmark
     with C.bench_env("chat", keep=opts.keep, chat_max_servers=1, chat_idle_seconds=3600.0) as env:
         services = env["services"]
@@ -117,31 +139,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cold = one_chat(via_portal, model, opts.max_tokens)
                 C.log(f"first chat through the portal (starts the run's server): first token after "
                       f"{cold['ttft_s']:.2f} s, answer done after {cold['total_s']:.2f} s")
-                info = runs.chat_servers.info(run.id)
-                endpoint = runs.chat_servers.ensure(run)  # the running one: its URL, name and key
+                info = services.chat.local_servers.info(run.id)
+                endpoint = services.chat.local_servers.ensure(run)  # the running one: its URL, name and key
                 straight = OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0)
 
                 for _ in range(opts.warmup):
                     one_chat(via_portal, model, opts.max_tokens)
                     one_chat(straight, endpoint.model_name, opts.max_tokens)
+                    one_service_chat(services.chat, user, run.id, opts.max_tokens)
 
                 with C.CpuMeter(job_pid=info.pid) as cpu:  # the server's CPU apart from other processes'
                     for i in range(opts.pairs):
-                        order = ("portal", "direct") if i % 2 == 0 else ("direct", "portal")
+                        order = ("portal", "direct", "service") if i % 2 == 0 else ("service", "direct", "portal")
                         for side in order:
                             if side == "portal":
                                 portal.append(one_chat(via_portal, model, opts.max_tokens))
-                            else:
+                            elif side == "direct":
                                 direct.append(one_chat(straight, endpoint.model_name, opts.max_tokens))
+                            else:
+                                service.append(one_service_chat(services.chat, user, run.id, opts.max_tokens))
                         C.log(f"pair {i + 1}/{opts.pairs}: first token portal {portal[-1]['ttft_s'] * 1000:.1f} ms, "
                               f"direct {direct[-1]['ttft_s'] * 1000:.1f} ms")
-                if runs.chat_servers.info(run.id).pid != info.pid:
+                if services.chat.local_servers.info(run.id).pid != info.pid:
                     raise RuntimeError("the run's server was restarted during the benchmark: figures are mixed")
         finally:
-            runs.stop_chat_servers()
+            services.chat.close()
         C.log("chat servers stopped")
 
     p_ttft, d_ttft = summary(ms(portal, "ttft_s")), summary(ms(direct, "ttft_s"))
+    s_ttft = summary(ms(service, "ttft_s"))
     p_total, d_total = summary(ms(portal, "total_s")), summary(ms(direct, "total_s"))
     ratio = p_ttft["median"] / d_ttft["median"] if d_ttft["median"] else float("nan")
     pair_ratios = [a["ttft_s"] / b["ttft_s"] for a, b in zip(portal, direct)]
@@ -158,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"min {p_ttft['min']:.1f}, max {p_ttft['max']:.1f}")
     print(f"  direct first token (ms): median {d_ttft['median']:.1f}, p95 {d_ttft['p95']:.1f}, "
           f"min {d_ttft['min']:.1f}, max {d_ttft['max']:.1f}")
+    print(f"  service layer alone (ChatService.stream_run, no HTTP) first token (ms): median {s_ttft['median']:.1f}, "
+          f"p95 {s_ttft['p95']:.1f}: the web layer adds {p_ttft['median'] - s_ttft['median']:+.1f} ms, the service "
+          f"layer {s_ttft['median'] - d_ttft['median']:+.1f} ms (medians)")
     print(f"  whole answer ({opts.max_tokens} tokens max, ms): median portal {p_total['median']:.1f}, "
           f"direct {d_total['median']:.1f}")
     print(f"  added by the portal per first token: median {C.median(added):+.1f} ms; "
@@ -171,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "params": vars(opts), "run_id": run.id, "train_s": train_s,
         "first_chat_ttft_s": cold["ttft_s"], "first_chat_total_s": cold["total_s"],
-        "portal": portal, "direct": direct,
+        "portal": portal, "direct": direct, "service": service, "service_ttft_ms": s_ttft,
         "portal_ttft_ms": p_ttft, "direct_ttft_ms": d_ttft, "portal_total_ms": p_total, "direct_total_ms": d_total,
         "ratio": ratio, "budget_ratio": BUDGET_RATIO, "ok": ok,
         "median_pair_ratio": C.median(pair_ratios), "median_added_ms": C.median(added),

@@ -1,12 +1,15 @@
 """Run history at 100,000 runs: p50/p95 of RunService.search_runs (one page + the total) for the
 queries the Runs tab and the CLI make, on SQLite and on PostgreSQL.
 
-usage: .venv/bin/python bench/bench_history.py [--runs 100000] [--repeats 40] [--no-postgres] [--keep]
+usage: .venv/bin/python bench/bench_history.py [--runs 100000] [--repeats 40] [--no-postgres] [--no-index] [--keep]
 
 The runs are generated rows (50 users, 4 base models, 6 datasets, every status, notes on a tenth),
 inserted in bulk into a fresh database migrated by Alembic, exactly the schema the portal uses.
 PostgreSQL is Debian's, started in a temp folder the way tests/conftest.py does. Budget: p95 <= 50 ms
-at the service layer for every query.
+at the service layer for every query. The search over name, note and tags goes through the search
+index of migration 0009 (FTS5 trigram table on SQLite, pg_trgm GIN indexes on PostgreSQL) for words
+of 3 characters or more. `--no-index` drops that index after the migration (and searches with LIKE
+alone), to measure the search as it was before it.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def queries(seed: dict):
         ("admin, all runs newest", admin, RunQuery()),
         ("admin, search note 'risk report'", admin, RunQuery(search="risk report")),
         ("admin, one owner + failed", admin, RunQuery(owner="user07", status=["failed"])),
-        ("admin, search a rare name (full scan)", admin, RunQuery(search="run_099999")),
+        ("admin, search a rare name", admin, RunQuery(search="run_099999")),
+        ("my runs, search a rare name", user, RunQuery(search="run_09999")),
+        ("admin, search 2 letters 'q3' (LIKE)", admin, RunQuery(search="q3")),
         ("admin, sort by loss", admin, RunQuery(sort="loss")),
     ]
 
@@ -147,6 +152,23 @@ def start_postgres(root: Path) -> tuple[str, list[str], Path]:
     return f"postgresql+psycopg://postgres@127.0.0.1:{port}/portal", stop, data
 
 
+def drop_search_index(runs, backend: str) -> None:
+    from sqlalchemy import text
+
+    import portal.run_query as run_query
+
+    run_query.MIN_INDEXED_SEARCH = 10**9  # every word through LIKE alone
+    with runs.db.engine.begin() as conn:
+        if backend == "postgresql":
+            for column in ("name", "note", "tags"):
+                conn.execute(text(f"DROP INDEX IF EXISTS ix_runs_{column}_trgm"))
+        else:
+            for trigger in ("runs_fts_insert", "runs_fts_delete", "runs_fts_update"):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))
+            conn.execute(text("DROP TABLE IF EXISTS runs_fts"))
+    C.log(f"{backend}: search index dropped (--no-index)")
+
+
 def total_text(total: int) -> str:
     from portal.run_query import total_text as text
 
@@ -158,12 +180,15 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--no-postgres", action="store_true")
+    p.add_argument("--no-index", action="store_true", help="drop the search index of migration 0009 (the "
+                                                              "search as it was before it), for comparison")
     p.add_argument("--keep", action="store_true")
     opts = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="lbp-bench-history-"))
     results: dict[str, list[dict]] = {}
     stop: list[str] | None = None
+    pg_root: Path | None = None
     try:
         backends = [("sqlite", f"sqlite:///{tmp / 'history.db'}")]
         if not opts.no_postgres:
@@ -174,6 +199,8 @@ def main() -> int:
             C.log(f"{backend}: migrating and inserting {opts.runs:,} runs")
             runs = build_services(url, tmp / backend)
             seed = populate(runs, opts.runs)
+            if opts.no_index:
+                drop_search_index(runs, backend)
             if backend == "postgresql":
                 with runs.db.engine.begin() as conn:
                     from sqlalchemy import text
@@ -185,9 +212,11 @@ def main() -> int:
         if stop:
             subprocess.run(stop, capture_output=True)
         if opts.keep:
-            C.log(f"kept {tmp}")
+            C.log(f"kept {tmp}" + (f" and {pg_root}" if pg_root else ""))
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+            if pg_root:  # PostgreSQL's data folder (~250 MB at 100,000 runs)
+                shutil.rmtree(pg_root, ignore_errors=True)
 
     print()
     print(f"== {NAME}: RunService.search_runs over {opts.runs:,} runs (page of 50 + total; {opts.repeats} calls each) ==")
@@ -199,7 +228,7 @@ def main() -> int:
             ok_all = ok_all and ok
             print(C.budget_line(f"{r['query']} ({total_text(r['total'])} match)", f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} ms",
                                 f"p95 <= {BUDGET_P95_MS:.0f} ms", ok))
-    path = C.write_result(NAME, {"params": {"runs": opts.runs, "repeats": opts.repeats},
+    path = C.write_result(NAME, {"params": {"runs": opts.runs, "repeats": opts.repeats, "no_index": opts.no_index},
                                  "budget_p95_ms": BUDGET_P95_MS, "ok": ok_all, "results": results})
     print(f"  results: {os.path.relpath(path, C.ROOT)}")
     return 0

@@ -57,7 +57,8 @@ def main() -> int:
             oidc_provider_mock.run_server_in_thread() as idp_server, C.mlflow_server(Path(tmp) / "mlflow") as (ml, _):
         issuer = f"http://localhost:{idp_server.server_port}"
         settings = Settings(data_root=Path(tmp) / "data", mlflow_tracking_uri=ml, gpus=[], auth_mode="oidc",
-                            oidc_issuer=issuer, oidc_client_id="portal", oidc_client_secret="bench-secret")
+                            oidc_issuer=issuer, oidc_client_id="portal", oidc_client_secret="bench-secret",
+                            rate_limit_login_starts=None)  # hundreds of sign-ins from one address, on purpose
         app = create_app(build_services(settings), supervise=False)
         port = C.free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

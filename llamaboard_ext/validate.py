@@ -38,6 +38,11 @@ def _count_rows(path: str) -> int:
 
 def dataset_problems(args: dict[str, Any]) -> dict[str, str]:
     names = [d.strip() for d in str(args.get("dataset") or "").split(",") if d.strip()]
+    if not names and not args.get("do_train") and (args.get("do_eval") or args.get("do_predict")):
+        # a config that only evaluates or predicts (decision 0008) reads its eval_dataset alone
+        names = [d.strip() for d in str(args.get("eval_dataset") or "").split(",") if d.strip()]
+        if not names:
+            return {"eval_dataset": "no dataset to evaluate on: name at least one eval_dataset"}
     if not names:
         return {"dataset": "no dataset: name at least one dataset"}
     dataset_dir = str(args.get("dataset_dir") or "data")
@@ -105,14 +110,15 @@ def _logs_to_stderr() -> None:
             handler.setStream(sys.stderr)
 
 
-def parser_problems(args: dict[str, Any]) -> dict[str, str]:
-    """Run LLaMA-Factory's own ``get_train_args`` (no model is loaded)."""
-    from llamafactory.hparams import get_train_args
+def parser_problems(args: dict[str, Any], *, export: bool = False) -> dict[str, str]:
+    """Run LLaMA-Factory's own ``get_train_args`` (``export``: ``get_infer_args``, what
+    `llamafactory-cli export` parses); no model is loaded."""
+    from llamafactory.hparams import get_infer_args, get_train_args
 
     _logs_to_stderr()
     with _PARSER_LOCK:
         try:
-            get_train_args(dict(args))
+            (get_infer_args if export else get_train_args)(dict(args))
         except (ValueError, TypeError, ImportError) as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             return {_key_for_message(message): message}
@@ -121,16 +127,19 @@ def parser_problems(args: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-def validate_args(args: dict[str, Any], *, check_files: bool = True, run_parser: bool = True) -> dict[str, str]:
-    """Key -> problem; empty when the config would start training."""
+def validate_args(args: dict[str, Any], *, check_files: bool = True, run_parser: bool = True,
+                  kind: str = "train") -> dict[str, str]:
+    """Key -> problem; empty when the config would start training (``kind`` "export": start
+    `llamafactory-cli export`, which reads no dataset)."""
     problems = type_problems(args)
     if problems:
         return problems  # the parser would only repeat these less clearly
     if check_files:
         problems.update(model_problems(args))
-        problems.update(dataset_problems(args))
+        if kind != "export":
+            problems.update(dataset_problems(args))
         if problems:
             return problems
     if run_parser:
-        problems.update(parser_problems(args))
+        problems.update(parser_problems(args, export=kind == "export"))
     return problems

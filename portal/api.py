@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -18,7 +18,7 @@ from . import __version__
 from .client import API_PREFIX
 from .models import User
 from .run_query import RunQuery
-from .run_view import metrics_summary, run_to_dict
+from .run_view import artifact_to_dict, event_to_dict, metrics_summary, run_to_dict
 from .runs import ConfigRejected, NotFound, PortalError, RunService
 
 
@@ -63,6 +63,36 @@ class RunOut(BaseModel):
     tags: list[str]
     dataset_fingerprints: list[dict[str, Any]]
     metrics: dict[str, Any] | None = Field(default=None, description="last value and step of each metric")
+    events: list[EventOut] | None = Field(default=None, description="the run's status changes, oldest first "
+                                                                    "(GET /api/runs/{id} only; empty for runs "
+                                                                    "made before the status history existed)")
+
+
+class EventOut(BaseModel):
+    at: str | None
+    status: str
+    reason: str | None
+
+
+class ArtifactOut(BaseModel):
+    path: str = Field(description="relative to the run's output folder; a checkpoint folder ends with '/'")
+    size: int = Field(description="bytes (a checkpoint folder: all its files)")
+    modified: str | None
+    files: int = Field(description="files in a checkpoint folder (1 for a file)")
+    folder: bool
+    downloadable: bool = Field(description="a file small enough for GET /api/runs/{id}/artifacts/{path}")
+
+
+class ArtifactList(BaseModel):
+    artifacts: list[ArtifactOut]
+    truncated: bool = Field(description="the folder holds more entries than listed")
+
+
+def _attachment(filename: str) -> str:
+    from urllib.parse import quote
+
+    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in filename) or "file"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
 class RunPage(BaseModel):
@@ -134,14 +164,20 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
     @router.get("/runs/{run_id}", response_model=RunOut)
     def get_run(run_id: int, user: User = you):
         try:
-            return as_out(runs.get_run(user, run_id), with_metrics=True, user=user)
+            out = as_out(runs.get_run(user, run_id), with_metrics=True, user=user)
+            out["events"] = [event_to_dict(e) for e in runs.status_events(user, run_id)]
+            return out
         except NotFound as err:
             raise HTTPException(404, str(err)) from err
 
     @router.get("/runs/{run_id}/logs", response_class=PlainTextResponse,
-                responses={200: {"description": "log text; header X-Log-Offset: where to continue with ?offset="}})
+                responses={200: {"description": "log text; header X-Log-Offset: where to continue with ?offset=; "
+                                                "with ?download=1 the whole log file as an attachment"}})
     def logs(run_id: int, user: User = you, offset: int | None = Query(default=None, ge=0),
-             tail: int = Query(default=64_000, ge=1, le=10_000_000)):
+             tail: int = Query(default=64_000, ge=1, le=10_000_000),
+             download: bool = Query(default=False, description="the whole log file, as an attachment")):
+        if download:
+            return whole_log(run_id, user)
         try:
             if offset is None:
                 text = runs.logs(user, run_id, tail_bytes=tail)
@@ -151,6 +187,62 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
         except NotFound as err:
             raise HTTPException(404, str(err)) from err
         return PlainTextResponse(text, headers={"X-Log-Offset": str(end)})
+
+    def whole_log(run_id: int, user: User) -> StreamingResponse:
+        try:
+            run, handle, size = runs.open_log(user, run_id)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+
+        def chunks():  # the log as long as it was when asked (a running job's log grows)
+            with handle:
+                left = size
+                while left > 0:
+                    data = handle.read(min(left, 1 << 20))
+                    if not data:
+                        break
+                    left -= len(data)
+                    yield data
+
+        return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers={
+            "Content-Disposition": _attachment(f"run-{run.id}-{run.name}.log"), "X-Log-Offset": str(size)})
+
+    @router.get("/runs/{run_id}/artifacts", response_model=ArtifactList)
+    def artifacts(run_id: int, user: User = you):
+        try:
+            found, cut = runs.artifacts(user, run_id)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        return {"artifacts": [artifact_to_dict(a) for a in found], "truncated": cut}
+
+    @router.get("/runs/{run_id}/artifacts/{path:path}", response_class=Response,
+                responses={200: {"description": "the file, as an attachment"},
+                           404: {"description": "no such file in the run's output folder (links are not served)"},
+                           409: {"description": "the file is over the download limit"}})
+    def artifact(run_id: int, path: str, user: User = you):
+        try:
+            name, data = runs.artifact_bytes(user, run_id, path)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": _attachment(name)})
+
+    @router.post("/runs/{run_id}/resume", response_model=RunOut, status_code=201,
+                 responses={409: {"description": "the run cannot be resumed (not failed or cancelled, not yours, "
+                                                 "no checkpoint)"}})
+    def resume(run_id: int, user: User = you, name: str | None = Query(default=None, description="the new run's "
+                                                                                               "name")):
+        try:
+            run = runs.resume(user, run_id, name)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except ConfigRejected as err:
+            return _rejected(err)
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
 
     @router.post("/runs/{run_id}/cancel", response_model=RunOut)
     async def cancel(run_id: int, user: User = you):

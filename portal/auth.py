@@ -9,28 +9,35 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import HTTPConnection
 
 from .config import Settings
 from .models import User, utcnow
+from .ratelimit import RateLimits, too_many
 from .runs import RunService
 from .storage import NAME_PATTERN
+from .web import UI_PATH, route_path
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = ("/login", "/auth/callback", "/logout", "/healthz")
+# Gradio 5.50's routes that serve a file by its path (the upload and cache folders for anyone)
+FILE_ROUTES = tuple(f"{UI_PATH}{p}" for p in ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/"))
+UPLOAD_ROUTE = f"{UI_PATH}/gradio_api/upload"
 SESSION_COOKIE = "portal_session"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -96,7 +103,7 @@ def _guard_websockets(app, runs: RunService, idle_s: int, max_s: int):  # noqa: 
     """WebSocket connections get the same session check (HTTP middleware never sees them)."""
 
     async def guard(scope, receive, send):
-        if scope["type"] == "websocket" and scope.get("path") not in PUBLIC_PATHS:
+        if scope["type"] == "websocket" and route_path(HTTPConnection(scope)) not in PUBLIC_PATHS:
             session = scope.get("session") or {}
             if _session_user(runs, session, idle_s, max_s) is None:
                 await send({"type": "websocket.close", "code": 1008})
@@ -141,20 +148,72 @@ class SessionHashes:
             return owner == user_id
 
 
+class UploadOwners:
+    """Gradio 5.50 serves any file of its upload folder (`file=`) and accepts any of them in an
+    event's payload, whoever uploaded it: each uploaded path is bound to the users who uploaded it
+    (the folder is named by a hash of the content, so two users uploading the same file share it)."""
+
+    def __init__(self, limit: int = 200_000):
+        self._owners: OrderedDict[str, set[int]] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: str) -> str:
+        return os.path.realpath(path)  # as Gradio resolves it (relative to the working directory)
+
+    def record(self, paths: list[str], user_id: int) -> None:
+        with self._lock:
+            for path in paths:
+                key = self._key(path)
+                self._owners.setdefault(key, set()).add(user_id)
+                self._owners.move_to_end(key)
+            while len(self._owners) > self._limit:
+                self._owners.popitem(last=False)  # Gradio deletes its cached files after hours anyway
+
+    def foreign(self, path: str, user_id: int) -> bool:
+        """The path is another user's upload (not this one's too)."""
+        with self._lock:
+            owners = self._owners.get(self._key(path))
+        return owners is not None and user_id not in owners
+
+
+def _file_paths(value: Any, found: list[str]) -> list[str]:
+    """The files an event's payload names: FileData `path`, and `url`s of the file= route."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "path" and isinstance(item, str):
+                found.append(item)
+            elif key == "url" and isinstance(item, str) and ("/file=" in item or "/file/" in item):
+                found.append(unquote(item.split("/file=", 1)[-1] if "/file=" in item else item.split("/file/", 1)[1]))
+            else:
+                _file_paths(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _file_paths(item, found)
+    return found
+
+
+async def _json_body(request: Request) -> Any:
+    """The body of a POST FastAPI would parse as JSON (it ignores the content type's case); None otherwise."""
+    if request.method != "POST" or "json" not in request.headers.get("content-type", "").lower():
+        return None
+    try:
+        return json.loads(await request.body() or b"{}")
+    except ValueError:
+        return None
+
+
 async def _session_hash_of(request: Request) -> str | None:
     """The session_hash a Gradio API request carries: query, heartbeat path or JSON body."""
-    path = request.url.path
+    path = route_path(request)
     if "/gradio_api/" not in path:
         return None
     value = request.query_params.get("session_hash")
     if value is None and "/heartbeat/" in path:
         value = path.rsplit("/heartbeat/", 1)[1].split("/")[0]
-    # any body FastAPI would parse as JSON (it ignores the content type's case)
-    if value is None and request.method == "POST" and "json" in request.headers.get("content-type", "").lower():
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            body = {}
+    if value is None:
+        body = await _json_body(request)
         value = body.get("session_hash") if isinstance(body, dict) else None
     return str(value) if value else None
 
@@ -167,14 +226,17 @@ def _safe_next(target: str | None) -> str:
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    """A small page of the portal's own (links in `body` must carry the root path)."""
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title></head>"
             f"<body style='font-family:sans-serif;max-width:40em;margin:4em auto'><h2>{escape(title)}</h2>{body}"
             f"</body></html>")
     return HTMLResponse(html, status_code=status)
 
 
-def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
+def install_oidc(app: FastAPI, runs: RunService, settings: Settings, limits: RateLimits | None = None) -> None:
     """Login routes, the session middleware and the guard in front of everything else."""
+    limits = limits or RateLimits.from_settings(settings)
+    root = settings.root_path  # "" or the sub-path behind a reverse proxy: every URL the browser gets has it
     from authlib.integrations.starlette_client import OAuth, OAuthError
 
     oauth = OAuth()
@@ -192,15 +254,37 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
                       "aud": {"essential": True, "values": [settings.oidc_client_id]},
                       "sub": {"essential": True}, "exp": {"essential": True}}
     session_hashes = SessionHashes()
+    uploads = UploadOwners()
     idle_s = settings.session_idle_minutes * 60
     max_s = settings.session_max_hours * 3600
 
+    def public_base(request: Request) -> str:
+        """The portal's address in the browser: public_url (it ends with the root path), else the
+        request's own (base_url carries the root path)."""
+        return settings.public_url.rstrip("/") if settings.public_url else str(request.base_url).rstrip("/")
+
     def callback_url(request: Request) -> str:
-        base = settings.public_url.rstrip("/") if settings.public_url else str(request.base_url).rstrip("/")
-        return f"{base}/auth/callback"
+        return f"{public_base(request)}/auth/callback"
+
+    def limited(limiter, client: str | None, what: str) -> None:
+        if limiter.hit(client):  # once per lock-out: a locked-out client writes no more rows
+            runs.audit("-", "rate_limited", what, f"{limiter.limit} {limiter.name.replace('_', ' ')} within "
+                       f"{settings.rate_limit_window_seconds} s: refused for as long", client=client)
+
+    def too_many_page(wait: int) -> Response:
+        return too_many(wait, "sign-in attempts", _page(
+            "Too many sign-in attempts", f"<p>Too many sign-in attempts from your address. Try again in {wait} "
+            "seconds; if it persists, tell your portal admin.</p>", 429))
 
     @app.get("/login")
     async def login(request: Request, next: str | None = None):
+        client = request.client.host if request.client else None
+        wait = max(limits.login_starts.retry_after(client) or 0, limits.failed_logins.retry_after(client) or 0)
+        if wait:
+            return too_many_page(wait)
+        limited(limits.login_starts, client, "login")
+        if next and root and next.startswith(root + "/"):
+            next = next[len(root):]  # a next with the sub-path in it: the portal adds it itself
         request.session.clear()
         request.session["next"] = _safe_next(next)
         try:
@@ -213,6 +297,9 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
     @app.get("/auth/callback")
     async def auth_callback(request: Request):
         client = request.client.host if request.client else None
+        wait = limits.failed_logins.retry_after(client)
+        if wait is not None:
+            return too_many_page(wait)
         try:
             named = (await oauth.idp.load_server_metadata()).get("issuer")
             if named not in id_token_rules["iss"]["values"]:  # OIDC Discovery: it must be the configured one
@@ -228,8 +315,9 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
                 log.warning("login refused: %s: %s", err.__class__.__name__, err)
                 reason = f"the sign-in could not be completed ({err.__class__.__name__}); try again"
             runs.audit("-", "login_refused", None, f"{err.__class__.__name__}: {reason}"[:500], client=client)
+            limited(limits.failed_logins, client, "auth_callback")
             request.session.clear()
-            return _page("Sign-in failed", f"<p>{escape(reason)}</p><p><a href='/login'>Try again</a></p>", 400)
+            return _page("Sign-in failed", f"<p>{escape(reason)}</p><p><a href='{root}/login'>Try again</a></p>", 400)
         target = _safe_next(request.session.get("next"))
         now = int(time.time())
         request.session.clear()
@@ -238,15 +326,15 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
                                 # kept for the provider's logout only when it fits in a cookie
                                 "id_token": id_token if len(id_token) <= 2500 else ""})
         runs.audit(user.username, "login", None, f"groups: {user.groups}"[:500], client=client)
-        return RedirectResponse(target, status_code=303)
+        return RedirectResponse(root + target, status_code=303)
 
     @app.get("/logout")
     async def logout_page(request: Request):
         """A link only shows the button: signing out changes state, so it takes a POST (CSRF-checked)."""
         if not request.session.get("username"):
-            return _page("Signed out", "<p><a href='/login'>Sign in</a></p>")
-        return _page("Sign out", "<form method='post' action='/logout'><button type='submit'>Sign out of the portal"
-                     "</button></form><p><a href='/ui/'>Back to the portal</a></p>")
+            return _page("Signed out", f"<p><a href='{root}/login'>Sign in</a></p>")
+        return _page("Sign out", f"<form method='post' action='{root}/logout'><button type='submit'>Sign out of the "
+                     f"portal</button></form><p><a href='{root}{UI_PATH}/'>Back to the portal</a></p>")
 
     @app.post("/logout")
     async def logout(request: Request):
@@ -261,14 +349,13 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             metadata = {}
         end = metadata.get("end_session_endpoint")
         if end and id_token:
-            base = settings.public_url.rstrip("/") if settings.public_url else str(request.base_url).rstrip("/")
-            query = urlencode({"id_token_hint": id_token, "post_logout_redirect_uri": f"{base}/login"})
+            query = urlencode({"id_token_hint": id_token, "post_logout_redirect_uri": f"{public_base(request)}/login"})
             return RedirectResponse(f"{end}?{query}", status_code=303)
-        return _page("Signed out", "<p><a href='/login'>Sign in again</a></p>")
+        return _page("Signed out", f"<p><a href='{root}/login'>Sign in again</a></p>")
 
     @app.middleware("http")
     async def require_session(request: Request, call_next):
-        path = request.url.path
+        path = route_path(request)
         if path in PUBLIC_PATHS or getattr(request.state, "token_auth", False):  # a token stands for a session
             return await call_next(request)
         session = request.session
@@ -279,7 +366,7 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
             if wants_page:
                 target = path + (f"?{request.url.query}" if request.url.query else "")
-                return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
+                return RedirectResponse(f"{root}/login?" + urlencode({"next": target}), status_code=303)
             return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
         if now - int(session.get("seen_at", 0)) > 60:
             session["seen_at"] = now  # idle clock; written at most once a minute
@@ -288,13 +375,29 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings) -> None:
             runs.audit(user.username, "denied", "gradio_session", "another user's Gradio session_hash",
                        client=request.client.host if request.client else None)
             return JSONResponse({"detail": "this Gradio session belongs to another user"}, status_code=403)
+        named = [path[len(prefix):] for prefix in FILE_ROUTES if path.startswith(prefix)][:1]
+        if not named and "/gradio_api/" in path:
+            named = _file_paths(await _json_body(request), [])
+        if any(uploads.foreign(name, user.id) for name in named):
+            runs.audit(user.username, "denied", "gradio_upload", "another user's uploaded file",
+                       client=request.client.host if request.client else None)
+            return JSONResponse({"detail": "this file was uploaded by another user"}, status_code=403)
         request.state.user = user
-        return await call_next(request)
+        response = await call_next(request)
+        if path == UPLOAD_ROUTE and request.method == "POST" and response.status_code == 200:
+            body = b"".join([chunk async for chunk in response.body_iterator])  # a JSON list of paths
+            try:
+                saved = json.loads(body)
+            except ValueError:
+                saved = []
+            uploads.record([p for p in saved if isinstance(p, str)] if isinstance(saved, list) else [], user.id)
+            response = Response(body, status_code=response.status_code, headers=dict(response.headers))
+        return response
 
     app.add_middleware(_guard_websockets, runs=runs, idle_s=idle_s, max_s=max_s)
     # added last = outermost: the session is decoded before the guards run
     app.add_middleware(SessionMiddleware, secret_key=settings.session_key(), session_cookie=SESSION_COOKIE,
-                       max_age=max_s, same_site="lax",
+                       max_age=max_s, same_site="lax", path=root or "/",  # not sent to other apps on the host
                        https_only=bool(settings.public_url and settings.public_url.startswith("https://")))
 
 

@@ -206,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     private_temp_dir(settings)  # before Gradio is imported: it reads GRADIO_TEMP_DIR at import time
     import uvicorn
 
-    from .web import create_app, is_loopback
+    from .web import create_app, is_loopback, uvicorn_proxy_options
 
     if settings.auth_mode == "none" and not is_loopback(settings.host):
         print(f"error: refusing to serve on {settings.host} without login (auth: none lets anyone who reaches the "
@@ -221,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(services)
     print(f"LLaMA Board Portal on http://{settings.host}:{settings.port}  (data root: {settings.data_root}; "
           f"MLflow: {settings.tracking_uri})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # X-Forwarded-For/-Proto only from trusted_proxies; the sub-path is put back by the app itself
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **uvicorn_proxy_options(settings))
     return EXIT_OK
 
 
@@ -510,6 +511,158 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(f"run {run.id} ({run.name}) {run.status.value}")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """One run: its fields, status history and output files (run_to_dict + events + artifacts)."""
+    from .run_view import artifact_to_dict, event_to_dict, human_size
+    from .runs import NotFound
+
+    services = _services(args)  # the MLflow link needs the tracking server's address only
+    user, run_id = _local_user(services), _run_id(args.run)
+    try:
+        run = services.runs.get_run(user, run_id)
+        events = services.runs.status_events(user, run_id)
+        artifacts, cut = services.runs.artifacts(user, run_id)
+    except NotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        out = _run_dict(services, run)
+        out["events"] = [event_to_dict(e) for e in events]
+        out["artifacts"] = [artifact_to_dict(a) for a in artifacts]
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(f"run {run.id} ({run.name}) {run.status.value}" + (f": {run.status_reason}" if run.status_reason else ""))
+    print(f"  owner {run.owner}, model {run.model_name_or_path}, datasets {run.datasets}, "
+          f"{run.stage}/{run.finetuning_type}" + (f", cloned from run {run.parent_id}" if run.parent_id else ""))
+    print("status history:")
+    for e in events:
+        print(f"  {e.at.strftime('%Y-%m-%d %H:%M:%S')}  {e.status.value:<10} {e.reason or ''}".rstrip())
+    if not events:
+        print("  no history recorded (the run is older than the status history)")
+    print(f"output files ({run.output_dir}):")
+    for a in artifacts:
+        extra = f" ({a.files} files)" if a.path.endswith("/") else ""
+        print(f"  {human_size(a.size):>10}  {a.modified.strftime('%Y-%m-%d %H:%M:%S')}  {a.path}{extra}")
+    if cut:
+        print("  … (more files: the list is cut here)")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .runs import ConfigRejected, NotFound, PortalError
+
+    services = _services(args)
+    user = _local_user(services)
+    try:
+        run = services.runs.resume(user, _run_id(args.run), args.name)
+    except ConfigRejected as err:
+        for key, problem in err.problems.items():
+            print(f"{key}: {problem}", file=sys.stderr)
+        return EXIT_REJECTED
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
+        print(f"run {run.id} ({run.name}) {run.status.value}, resuming run {run.parent_id} from its last checkpoint",
+              flush=True)
+    if args.wait:
+        run = services.runs.wait(user, run.id, timeout=args.timeout)
+        if not run.status.is_final:
+            print(f"run {run.id} still {run.status.value} after {args.timeout:g} s (it goes on; `cancel` stops it)",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
+    if args.json:
+        print(json.dumps(_run_dict(services, run), indent=2))
+    elif args.wait:
+        print(f"run {run.id} ({run.name}) {run.status.value}" + (f": {run.status_reason}" if run.status_reason else ""))
+    return EXIT_OK if not args.wait or run.status.value == "succeeded" else EXIT_FAILED
+
+
+def _wait_and_print(services, user, run, args, what: str) -> int:
+    """--wait / --json for eval and merge (as for resume)."""
+    if not args.json:
+        print(f"run {run.id} ({run.name}) {run.status.value}, {what}", flush=True)
+    if args.wait:
+        run = services.runs.wait(user, run.id, timeout=args.timeout)
+        if not run.status.is_final:
+            print(f"run {run.id} still {run.status.value} after {args.timeout:g} s (it goes on; `cancel` stops it)",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
+    if args.json:
+        out = _run_dict(services, run)
+        out.update(kind=run.kind, registered_model=run.registered_model, registered_version=run.registered_version)
+        if args.wait and run.kind == "eval" and run.parent_id:
+            found = [e for e in services.runs.evaluations(user, run.parent_id) if e.run.id == run.id]
+            out["eval_metrics"] = found[0].metrics if found else {}
+        print(json.dumps(out, indent=2))
+    elif args.wait:
+        print(f"run {run.id} ({run.name}) {run.status.value}" + (f": {run.status_reason}" if run.status_reason else ""))
+        if run.kind == "eval" and run.status.value == "succeeded" and run.parent_id:
+            for e in services.runs.evaluations(user, run.parent_id):
+                if e.run.id == run.id:
+                    for key, value in sorted(e.metrics.items()):
+                        print(f"  {key:<36} {value:.4f}")
+                    if e.predictions:
+                        print(f"  predictions: {run.output_dir}/{e.predictions}")
+        if run.kind == "export" and run.registered_version:
+            print(f"registered model {run.registered_model} version {run.registered_version} ({run.output_dir})")
+    return EXIT_OK if not args.wait or run.status.value == "succeeded" else EXIT_FAILED
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """An eval job of a succeeded run: predictions scored (BLEU-4, ROUGE), metrics onto the run."""
+    from .runs import ConfigRejected, NotFound, PortalError
+
+    services = _services(args)
+    user = _local_user(services)
+    datasets = [d.strip() for item in (args.dataset or []) for d in item.split(",") if d.strip()]
+    try:
+        run = services.runs.evaluate(user, _run_id(args.run), datasets or None, args.max_samples,
+                                     predict_with_generate=not args.no_generate,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, name=args.name)
+    except ConfigRejected as err:
+        for key, problem in err.problems.items():
+            print(f"{key}: {problem}", file=sys.stderr)
+        return EXIT_REJECTED
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return _wait_and_print(services, user, run, args, f"evaluating run {run.parent_id} on {run.datasets}")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """An export job of a succeeded run: the merged model, registered in MLflow's Model Registry."""
+    from .runs import ConfigRejected, NotFound, PortalError
+
+    services = _services(args)
+    user = _local_user(services)
+    try:
+        run = services.runs.merge(user, _run_id(args.run), args.name)
+    except ConfigRejected as err:
+        for key, problem in err.problems.items():
+            print(f"{key}: {problem}", file=sys.stderr)
+        return EXIT_REJECTED
+    except (NotFound, PortalError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return _wait_and_print(services, user, run, args,
+                           f"merging run {run.parent_id} into {run.output_dir} (model {run.registered_model})")
+
+
+def cmd_model_alias(args: argparse.Namespace) -> int:
+    """Point a registry alias (candidate, production) at a registered model's version (admins)."""
+    from .runs import NotFound, PortalError
+
+    services = _services(args)
+    try:
+        services.runs.set_alias(_local_user(services), args.name, args.version, args.alias)
+    except (NotFound, PortalError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.name}@{args.alias} -> version {args.version}")
     return EXIT_OK
 
 
@@ -806,6 +959,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=_with_server(cmd_cancel, remote_cancel))
 
+    p = sub.add_parser("show", parents=[common], help="one run: its fields, status history and output files")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="the run as JSON, with `events` and `artifacts`")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("resume", parents=[common],
+                       help="a failed or cancelled run again, from its last checkpoint (same config and data)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--name", help="the new run's name (default: <run name>_resume)")
+    p.add_argument("--wait", action="store_true", help="wait until the new run ends; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
+    p.add_argument("--json", action="store_true", help="print the new run as JSON")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("eval", parents=[common],
+                       help="evaluate a succeeded run in a job: its answers on a dataset scored (BLEU-4, ROUGE)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--dataset", action="append", metavar="D",
+                   help="dataset to evaluate on (repeatable; default: the run's eval_dataset, else its dataset)")
+    p.add_argument("--max-samples", type=int, help="rows per dataset (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (default 128)")
+    p.add_argument("--batch-size", type=int, default=4, help="per-device eval batch size (default 4)")
+    p.add_argument("--no-generate", action="store_true", help="the eval loss only, no generated answers")
+    p.add_argument("--name", help="the eval run's name (default: <run name>_eval)")
+    p.add_argument("--wait", action="store_true", help="wait until it ends and print the metrics; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
+    p.add_argument("--json", action="store_true", help="print the eval run as JSON (with --wait: its metrics)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", parents=[common],
+                       help="merge a succeeded run into a model folder and register it in MLflow's Model Registry")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--name", help="registered model name (default: <user>-<run name>)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until it ends and print the registered model and version; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
+    p.add_argument("--json", action="store_true", help="print the export run as JSON")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("git-export", parents=[common],
                        help="commit a config file to the configured Git repository (PORTAL_GIT_URL); prints the SHA")
     p.add_argument("file", metavar="FILE")
@@ -868,6 +1060,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("verify", parents=[common], help="re-hash a downloaded model (exit 1 listing bad files)")
     m.add_argument("name", metavar="NAME")
     m.set_defaults(func=cmd_models)
+    m = msub.add_parser("alias", parents=[common],
+                        help="point a Model Registry alias (candidate, production) at a version of a merged model (admins)")
+    m.add_argument("name", metavar="NAME", help="registered model name (as `merge` printed it)")
+    m.add_argument("version", metavar="VERSION")
+    m.add_argument("alias", metavar="ALIAS", choices=["candidate", "production"])
+    m.set_defaults(func=cmd_model_alias)
     return parser
 
 

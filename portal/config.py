@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from .launchers.k8s_settings import KubernetesSettings
 
 
-SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret", "git_token"})
+SECRET_FIELDS = frozenset({"oidc_client_secret", "session_secret", "git_token", "inference_api_key"})
 CATALOG_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # org/name
 # Keys of gpu_memory_gb: LLaMA-Factory's fine-tuning methods, plus qlora (lora on a 4/8-bit model).
 GPU_HINT_METHODS = ("lora", "qlora", "full", "freeze", "oft")
@@ -48,9 +48,9 @@ class _YamlFileSource(PydanticBaseSettingsSource):
             raise ValueError(f"{path}: the portal config file must be a YAML mapping")
         secrets_in_file = sorted(k for k in data if k in SECRET_FIELDS)
         if secrets_in_file:
+            env = ", ".join(f"PORTAL_{k.upper()}" + ("" if k == "session_secret" else "(_FILE)") for k in secrets_in_file)
             raise ValueError(f"{path}: {', '.join(secrets_in_file)} must not be in the config file (it ends up in Git "
-                             "and ConfigMaps): set PORTAL_OIDC_CLIENT_SECRET(_FILE) / PORTAL_SESSION_SECRET / "
-                             "PORTAL_GIT_TOKEN(_FILE) in the environment instead")
+                             f"and ConfigMaps): set {env} in the environment instead")
         return data
 
 
@@ -155,6 +155,54 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = None  # None: a key made once and kept in <data root>/session.key
     session_idle_minutes: int = Field(default=120, ge=1)
     session_max_hours: int = Field(default=12, ge=1)
+    # Behind a reverse proxy (docs/admin-guide.md "Reverse proxy and sub-path"; decision 0017).
+    root_path: str = ""  # the sub-path the proxy serves the portal under, e.g. /llm; "" = the host's root
+    trusted_proxies: list[str] = Field(default_factory=list)  # IPs/CIDRs whose X-Forwarded-For/-Proto count
+    # Rate limits per client address, in this process's memory (each replica counts its own):
+    # HTTP 429 with Retry-After for rate_limit_window_seconds once a limit is reached; None: no limit.
+    rate_limit_window_seconds: int = Field(default=300, ge=1)
+    rate_limit_login_starts: int | None = Field(default=60, ge=1)  # GET /login per address and window
+    rate_limit_failed_logins: int | None = Field(default=10, ge=1)  # refused /auth/callback per address and window
+    rate_limit_bad_tokens: int | None = Field(default=20, ge=1)  # unknown/revoked API tokens on /api, /v1
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: '{entry}' is not an IP address or network (e.g. 10.0.0.5 or "
+                                 "10.0.0.0/24); list the reverse proxy's own addresses, as JSON: "
+                                 "PORTAL_TRUSTED_PROXIES='[\"10.0.0.5\"]'") from None
+        return [entry.strip() for entry in value]
+
+    @model_validator(mode="after")
+    def _sub_path(self) -> "Settings":
+        from urllib.parse import urlsplit
+
+        root = self.root_path.strip().rstrip("/")
+        if root and (not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", root) or "/." in root):
+            raise ValueError(f"root_path '{self.root_path}' must be a path like /llm or /teams/llm (letters, digits, "
+                             "'.', '_', '~', '-'; no '..')")
+        if root.split("/")[1:2] and root.split("/")[1] in ("ui", "api", "v1", "login", "logout", "auth", "healthz"):
+            raise ValueError(f"root_path '{root}' starts with one of the portal's own routes: choose another "
+                             "prefix, e.g. /llm")
+        if self.public_url:
+            parts = urlsplit(self.public_url.strip())
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"public_url '{self.public_url}' must be an http(s) URL like https://llm.bank.example")
+            path = parts.path.rstrip("/")
+            if path and not root:
+                root = path  # the public URL names the sub-path: that is the root path
+            elif path and path != root:
+                raise ValueError(f"public_url '{self.public_url}' has the path '{path}' but root_path is '{root}': "
+                                 f"make them the same (PORTAL_ROOT_PATH={path}, or drop the path from public_url)")
+            self.public_url = f"{parts.scheme}://{parts.netloc}{root}"  # always ends with the root path
+        self.root_path = root
+        return self
 
     launcher: Literal["local", "kubernetes"] = "local"
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)  # launcher: kubernetes
@@ -186,6 +234,16 @@ class Settings(BaseSettings):
     chat_max_servers: int = Field(default=2, ge=1)  # the least recently used one stops for a new one
     chat_idle_seconds: float = Field(default=900.0, gt=0)  # a server unused this long is stopped
     chat_gpus: list[int] = Field(default_factory=list)  # GPUs for chat servers; [] runs them on the CPU
+    # A shared OpenAI-compatible inference endpoint (vLLM), e.g. http://vllm.ml.svc:8000/v1 (decision 0020):
+    # its models are chat targets for everyone, and runs on a base model it serves chat through it.
+    inference_base_url: str | None = None
+    inference_api_key: SecretStr | None = None  # env or file, never the YAML file; never sent to a browser
+    inference_api_key_file: Path | None = None
+    inference_runtime_lora: bool = True  # load runs' adapters (vLLM --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    inference_adapter_root: str | None = None  # where the endpoint mounts the data root; None: the same path
+    inference_adapter_prefix: str = Field(default="run-", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")  # <prefix><id>
+    inference_max_adapters: int = Field(default=8, ge=1)  # loaded at once by this portal; LRU unloaded beyond
+    inference_timeout_seconds: float = Field(default=120.0, gt=0)  # first token, and between tokens
     max_upload_mb: int = Field(default=512, ge=1)  # dataset uploads (browser and CLI); Gradio refuses larger ones
     max_dataset_rows: int | None = Field(default=2_000_000, ge=1)  # rows per dataset file; None: no limit
     # Export configs to Git and import them back (portal/git_export.py, decision 0014).
@@ -219,6 +277,18 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         return (init_settings, env_settings, _YamlFileSource(settings_cls), file_secret_settings)
+
+    def inference_key(self) -> str | None:
+        """The inference endpoint's API key (env or file), or None when it needs none."""
+        if self.inference_api_key is not None:
+            return self.inference_api_key.get_secret_value()
+        if self.inference_api_key_file is not None:
+            try:
+                return Path(self.inference_api_key_file).read_text(encoding="utf-8").strip() or None
+            except OSError as err:
+                raise ValueError(f"cannot read PORTAL_INFERENCE_API_KEY_FILE {self.inference_api_key_file}: "
+                                 f"{err.strerror}") from None
+        return None
 
     @model_validator(mode="after")
     def _oidc_complete(self) -> "Settings":

@@ -1,14 +1,13 @@
 """An OpenAI-compatible gateway on the portal: `/v1/models` and `/v1/chat/completions`.
 
-Any OpenAI client pointed at `<portal>/v1` chats with the signed-in user's runs (`run-<id>`).
-It sits behind the same login as every other route; the run's server, its port and its API key
-stay inside the portal.
+Any OpenAI client pointed at `<portal>/v1` chats with the signed-in user's runs (`run-<id>`) and
+with the models a configured inference endpoint serves. It sits behind the same login as every
+other route; the servers, their ports and their API keys stay inside the portal.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from typing import Any, Callable
@@ -17,11 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .chat import ChatService
 from .inference import InferenceError
 from .models import User
-from .runs import NotFound, PortalError, RunService
-
-RUN_MODEL = re.compile(r"^run-(\d+)$")
+from .runs import NotFound, PortalError
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -37,16 +35,17 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return value
 
 
-def build_gateway(runs: RunService, user_of: Callable[[Request], User | None]) -> APIRouter:
+def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
 
     @router.get("/models")
-    def models(request: Request):
+    async def models(request: Request):
         user = user_of(request)
         if user is None:
             return _error(401, "sign in first, or send 'Authorization: Bearer <token>'", "authentication_error")
-        data = [{"id": f"run-{run.id}", "object": "model", "created": int(run.created_at.timestamp()),
-                 "owned_by": run.owner, "name": run.name} for run in runs.chat_targets(user)]
+        data = [{"id": t.model, "object": "model", "created": int(t.run.created_at.timestamp()) if t.run else 0,
+                 "owned_by": t.run.owner if t.run else "inference-endpoint", "name": t.run.name if t.run else t.model}
+                for t in await run_in_threadpool(chat.targets, user)]
         return {"object": "list", "data": data}
 
     @router.post("/chat/completions")
@@ -60,10 +59,9 @@ def build_gateway(runs: RunService, user_of: Callable[[Request], User | None]) -
             return _error(400, "the body must be JSON")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
-        match = RUN_MODEL.match(str(body.get("model") or ""))
-        if not match:
-            return _error(404, f"model '{body.get('model')}' is not one of yours: GET /v1/models lists them",
-                          "not_found_error")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "model is required: GET /v1/models lists yours")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
@@ -74,12 +72,14 @@ def build_gateway(runs: RunService, user_of: Callable[[Request], User | None]) -
                       "max_tokens": int(_number(body, "max_tokens", 512, 1, 8192))}
         except ValueError as err:
             return _error(400, str(err))
-        model = match.group(0)
+        def start():
+            stream = chat.stream(user, model, messages, **params)
+            return stream, next(stream, None)
+
         try:
-            stream = runs.chat_stream(user, int(match.group(1)), messages, **params)
-            # the first token may wait for the run's server to start: off the event loop; errors
-            # before it become an HTTP error
-            first = await run_in_threadpool(next, stream, None)
+            # the first token may wait for the run's server to start: off the event loop, in one
+            # hop (each costs time to first token); errors before it become an HTTP error
+            stream, first = await run_in_threadpool(start)
         except NotFound:
             return _error(404, f"model '{model}' is not one of yours: GET /v1/models lists them", "not_found_error")
         except (PortalError, InferenceError) as err:
@@ -102,9 +102,8 @@ def build_gateway(runs: RunService, user_of: Callable[[Request], User | None]) -
                                                                        "finish_reason": finish}]}) + "\n\n"
 
         def events():
-            yield chunk({"role": "assistant", "content": ""})
-            if first:
-                yield chunk({"content": first})
+            # the role and the first text in one piece: each piece of a sync stream is a thread hop
+            yield chunk({"role": "assistant", "content": ""}) + (chunk({"content": first}) if first else "")
             try:
                 for delta in stream:
                     yield chunk({"content": delta})

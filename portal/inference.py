@@ -32,6 +32,15 @@ class InferenceError(RuntimeError):
     """A chat request failed; the message is meant for the user."""
 
 
+class ServerGone(InferenceError):
+    """Nothing took the request (refused, or closed before any answer): the server is not running."""
+
+
+class ModelNotLoaded(InferenceError):
+    """The server does not serve the model asked for (vLLM's 404): e.g. a restarted vLLM forgot
+    the adapters loaded at run time, which the caller may load again."""
+
+
 _client: httpx.Client | None = None
 _client_lock = threading.Lock()
 
@@ -82,14 +91,17 @@ def _server_detail(response: httpx.Response) -> str:
 
 def _transport_error(err: httpx.HTTPError, base_url: str, timeout: float, *, during_answer: bool) -> InferenceError:
     if isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return InferenceError(f"the model server is not running: nothing answers at {base_url} ({type(err).__name__}). "
+        return ServerGone(f"the model server is not running: nothing answers at {base_url} ({type(err).__name__}). "
                               "If it was just stopped, send the message again to start it.")
     if isinstance(err, httpx.TimeoutException):
         return InferenceError(f"the model server did not answer within {timeout:g} s: it may be busy with other "
                               "requests or slow on this machine; try again, or ask for fewer new tokens")
-    if during_answer or isinstance(err, (httpx.RemoteProtocolError, httpx.ReadError)):
+    if during_answer:
         return InferenceError("the model server stopped in the middle of the answer (the connection closed); "
                               "send the message again — the server is restarted if it went down")
+    if isinstance(err, (httpx.RemoteProtocolError, httpx.ReadError)):  # accepted, then closed: dying or gone
+        return ServerGone(f"the model server is not running: it closed the connection without answering "
+                              f"({type(err).__name__}). Send the message again to start it.")
     return InferenceError(f"could not talk to the model server at {base_url}: {type(err).__name__}: {err}")
 
 
@@ -102,12 +114,14 @@ def _status_error(response: httpx.Response, base_url: str, model: str | None, ap
                               "an admin must check the endpoint's API key")
     if code == 404 and model is not None and ("model" in detail.lower() or not detail):
         served = ""
-        try:  # say what it does serve: usually the fix is obvious from that
-            names = list_models(base_url, api_key=api_key, timeout=min(timeout, 10.0))
+        try:  # say what it does serve: usually the fix is obvious from that (base models only: vLLM
+            # also lists every loaded adapter, other users' runs included)
+            names = [str(c["id"]) for c in model_cards(base_url, api_key=api_key, timeout=min(timeout, 10.0))
+                     if not c.get("parent")]
             served = f" (it serves: {', '.join(names) or 'nothing'})"
         except InferenceError:
             pass
-        return InferenceError(f"model '{model}' is not loaded on this server{served}; "
+        return ModelNotLoaded(f"model '{model}' is not loaded on this server{served}; "
                               "start a chat with the run again so the portal loads it")
     if code == 404:
         return InferenceError(f"the model server has no such endpoint ({response.request.url.path}): "
@@ -124,6 +138,12 @@ def _status_error(response: httpx.Response, base_url: str, model: str | None, ap
 
 def list_models(base_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> list[str]:
     """The model names the server answers to (``GET /models``)."""
+    return [str(card["id"]) for card in model_cards(base_url, api_key, timeout=timeout)]
+
+
+def model_cards(base_url: str, api_key: str | None = None, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """``GET /models``'s entries as the server gives them. vLLM adds ``root`` (what it loaded: a
+    model folder or an adapter path) and ``parent`` (an adapter's base model; None for a base)."""
     try:
         response = _http().get(_url(base_url, "/models"), headers=_headers(api_key), timeout=_timeout(timeout))
     except httpx.HTTPError as err:
@@ -131,7 +151,7 @@ def list_models(base_url: str, api_key: str | None = None, *, timeout: float = 1
     if response.status_code != 200:
         raise _status_error(response, base_url, None, api_key, timeout)
     try:
-        return [str(entry["id"]) for entry in response.json().get("data", [])]
+        return [entry for entry in response.json().get("data", []) if isinstance(entry, dict) and entry["id"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise InferenceError(f"{base_url} answered /models with something that is not an OpenAI model list") from None
 
@@ -203,3 +223,52 @@ def chat(base_url: str, model: str, messages: Sequence[Message], *, temperature:
         return str(response.json()["choices"][0]["message"]["content"] or "")
     except (ValueError, KeyError, IndexError, TypeError):
         raise InferenceError("the model server answered with something that is not an OpenAI chat completion") from None
+
+
+# ---- vLLM's runtime LoRA endpoints (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) -----------------------
+ALREADY_LOADED_WORDS = ("already been loaded", "already loaded")
+NOT_FOUND_WORDS = ("cannot be found", "not found", "does not exist")
+
+
+def _lora_request(base_url: str, path: str, body: dict[str, str], api_key: str | None,
+                  timeout: float) -> httpx.Response:
+    try:
+        return _http().post(_url(base_url, path), json=body, headers=_headers(api_key), timeout=_timeout(timeout))
+    except httpx.HTTPError as err:
+        raise _transport_error(err, base_url, timeout, during_answer=False) from None
+
+
+def load_lora_adapter(base_url: str, name: str, path: str, *, api_key: str | None = None,
+                      timeout: float = 60.0) -> bool:
+    """Load an adapter into a running vLLM under ``name``; False when that name was loaded already
+    (vLLM answers 400 "... has already been loaded"): the caller checks it is the same adapter."""
+    response = _lora_request(base_url, "/load_lora_adapter", {"lora_name": name, "lora_path": path}, api_key, timeout)
+    if response.status_code == 200:
+        return True
+    detail = _scrub(_server_detail(response), api_key)
+    if response.status_code in (400, 409) and any(w in detail.lower() for w in ALREADY_LOADED_WORDS):
+        return False
+    if response.status_code == 404 and "adapter" in detail.lower():  # vLLM 0.25: "No adapter found for <path>"
+        raise InferenceError(f"the inference server cannot read the run's adapter at {path}: it must mount the "
+                             "portal's data root (an admin sets inference_adapter_root to where it does)")
+    if response.status_code in (404, 405):  # no such route: runtime LoRA updating is off
+        raise InferenceError(f"the inference server at {base_url} does not load adapters at run time (HTTP "
+                             f"{response.status_code} on /load_lora_adapter): start vLLM with --enable-lora and "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or let the portal serve runs itself")
+    if response.status_code in (401, 403):
+        raise InferenceError(f"the model server refused the portal's credentials (HTTP {response.status_code}); "
+                             "an admin must check the endpoint's API key")
+    raise InferenceError(f"the inference server could not load the run's adapter (HTTP {response.status_code}): "
+                         f"{detail}")
+
+
+def unload_lora_adapter(base_url: str, name: str, *, api_key: str | None = None, timeout: float = 30.0) -> bool:
+    """Unload an adapter; False when the server did not have it (nothing to do)."""
+    response = _lora_request(base_url, "/unload_lora_adapter", {"lora_name": name}, api_key, timeout)
+    if response.status_code == 200:
+        return True
+    detail = _scrub(_server_detail(response), api_key)
+    if response.status_code in (400, 404) and any(w in detail.lower() for w in NOT_FOUND_WORDS):
+        return False
+    raise InferenceError(f"the inference server could not unload adapter {name} (HTTP {response.status_code}): "
+                         f"{detail}")

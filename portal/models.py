@@ -50,8 +50,15 @@ class User(SQLModel, table=True):
 
 class Run(SQLModel, table=True):
     __tablename__ = "runs"
-    # "my runs, newest first" is the history's main query: one index serves it at 100,000 runs
-    __table_args__ = (Index("ix_runs_owner_created", "owner_id", "created_at"),)
+    # "my runs, newest first" is the history's main query: one index serves it at 100,000 runs.
+    # The search over name, note and tags: trigram GIN indexes on PostgreSQL (pg_trgm, migration
+    # 0009); SQLite has the FTS5 table runs_fts instead (made by the migration, not a model).
+    __table_args__ = (
+        Index("ix_runs_owner_created", "owner_id", "created_at"),
+        *(Index(f"ix_runs_{column}_trgm", column, postgresql_using="gin",
+                postgresql_ops={column: "gin_trgm_ops"}).ddl_if(dialect="postgresql")
+          for column in ("name", "note", "tags")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=128)
@@ -83,8 +90,27 @@ class Run(SQLModel, table=True):
     # JSON list: for each dataset the run used, its name, version, sha256, rows and file
     dataset_fingerprints: str = "[]"
     parent_id: int | None = Field(default=None, index=True)  # the run this one was cloned from
+    # "train" (any LLaMA-Factory stage), "eval" (a predict job of its parent's model) or "export"
+    # (its parent merged into a model folder and registered in MLflow): migration 0010
+    kind: str = Field(default="train", max_length=16, index=True)
+    registered_model: str | None = Field(default=None, max_length=255)  # export runs: MLflow registry name
+    registered_version: str | None = Field(default=None, max_length=32)  # ... and the version made
     note: str = ""  # free text by the owner, searched with the name
     tags: str = ""  # comma separated, by the owner
+
+
+class RunEvent(SQLModel, table=True):
+    """One status change of a run (written by RunService._set, migration 0008): the run's status
+    history. Runs older than the migration have none."""
+
+    __tablename__ = "run_events"
+    __table_args__ = (Index("ix_run_events_run_at", "run_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id")
+    at: datetime = Field(default_factory=utcnow)
+    status: RunStatus
+    reason: str | None = None
 
 
 class DatasetVersion(SQLModel, table=True):

@@ -60,6 +60,8 @@ PATH_KEYS = ("tokenized_path", "media_dir", "resume_from_checkpoint", "export_di
              "offload_folder", "export_quantization_dataset")
 # Of those, the folders a job writes into: only inside the user's own space.
 WRITE_KEYS = frozenset({"tokenized_path", "export_dir", "offload_folder", "profiler_output_dir", "swanlab_logdir"})
+# Keys the policy sets for `llamafactory-cli train` that `llamafactory-cli export` does not parse
+EXPORT_DROPPED_KEYS = ("output_dir", "report_to", "use_cpu", "do_train", "do_eval", "do_predict")
 DEEPSPEED_FILES = re.compile(r"^ds_z[23](_offload)?_config\.json$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 REPORT_OK = {None, "", "none", "mlflow"}
@@ -138,8 +140,11 @@ def deepspeed_dir(settings: Settings) -> Path:
 
 
 def apply_policy(
-    args: dict[str, Any], *, settings: Settings, catalog: Catalog, space: UserSpace, run_dir: Path, gpus: int, cpus: int
+    args: dict[str, Any], *, settings: Settings, catalog: Catalog, space: UserSpace, run_dir: Path, gpus: int, cpus: int,
+    kind: str = "train",
 ) -> PolicyResult:
+    """``kind``: "train" and "eval" configs run `llamafactory-cli train`; an "export" config (the
+    portal's own merge job, `llamafactory-cli export`) trains nothing by design."""
     out = dict(args)
     problems: dict[str, str] = {}
     notes: list[str] = []
@@ -209,7 +214,7 @@ def apply_policy(
     if out.get("eval_dataset"):
         problems.update(catalog.check_dataset_files(space, [d.strip() for d in str(out["eval_dataset"]).split(",")]))
 
-    if not any(out.get(k) for k in ("do_train", "do_eval", "do_predict")):
+    if kind != "export" and not any(out.get(k) for k in ("do_train", "do_eval", "do_predict")):
         problems["do_train"] = "the config would not train anything (LLaMA-Factory exits at once): add do_train: true"
 
     out["output_dir"] = str(run_dir / "output")

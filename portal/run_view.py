@@ -33,3 +33,22 @@ def metrics_summary(points: list[MetricPoint]) -> dict[str, Any]:
         summary[point.key] = {"last": point.value, "step": point.step,
                               "points": summary.get(point.key, {}).get("points", 0) + 1}
     return summary
+
+
+def event_to_dict(event) -> dict[str, Any]:
+    """One status change (portal.models.RunEvent)."""
+    return {"at": _iso(event.at), "status": event.status.value, "reason": event.reason}
+
+
+def artifact_to_dict(artifact) -> dict[str, Any]:
+    """One entry of a run's output folder (portal.run_files.Artifact)."""
+    return {"path": artifact.path, "size": artifact.size, "modified": _iso(artifact.modified),
+            "files": artifact.files, "folder": artifact.path.endswith("/"), "downloadable": artifact.downloadable}
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"

@@ -31,8 +31,8 @@ from .config import Settings
 from .datasets import DatasetService, write_pinned_info
 from .db import Database
 from .launchers import JobSpec, Launcher, LaunchError, PollResult
-from .models import AuditEvent, Run, RunStatus, User, utcnow
-from .policy import apply_policy
+from .models import AuditEvent, Run, RunEvent, RunStatus, User, utcnow
+from .policy import EXPORT_DROPPED_KEYS, apply_policy
 from .request_context import client_address
 from .run_query import RunQuery, count_statement, page_statement
 from .storage import UserSpace, check_name
@@ -176,8 +176,6 @@ class RunService:
         self._denied_seen: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._chat_servers = None
-        self._chat_lock = threading.Lock()
 
     # ---- users and audit -----------------------------------------------------------------
     def ensure_user(self, username: str, *, is_admin: bool = False, email: str | None = None) -> User:
@@ -256,7 +254,8 @@ class RunService:
         return max(1, (os.cpu_count() or 1) // self.settings.max_concurrent_runs)
 
     def prepare(self, user: User, args: dict[str, Any], name: str | None = None, *, for_submit: bool = True,
-                datasets_of: Run | None = None, gpus_per_node: int | None = None, nodes: int = 1) -> Prepared:
+                datasets_of: Run | None = None, gpus_per_node: int | None = None, nodes: int = 1,
+                kind: str = "train") -> Prepared:
         """Policy + validation; raises ConfigRejected naming every bad key. ``datasets_of``: pin
         the dataset versions that run used (a clone) instead of the newest ones. ``gpus_per_node``
         (default: gpus_per_run) and ``nodes``: chosen per run on a cluster only."""
@@ -275,7 +274,10 @@ class RunService:
         run_dir = space.run_dir(name)
         self.catalog.sync_user_datasets(space)
         result = apply_policy(args, settings=self.settings, catalog=self.catalog, space=space, run_dir=run_dir,
-                              gpus=gpus_per_node, cpus=self._job_cpus())
+                              gpus=gpus_per_node, cpus=self._job_cpus(), kind=kind)
+        if kind == "export":  # `llamafactory-cli export` parses no training arguments
+            for key in EXPORT_DROPPED_KEYS:
+                result.args.pop(key, None)
         problems = dict(result.problems)
         cap = self.settings.max_gpus_per_user
         if cap is not None and gpus > cap and not user.is_admin:
@@ -284,11 +286,11 @@ class RunService:
             problems["output_dir"] = f"a run named '{name}' already exists in your space: choose another run name"
         if not problems:
             checked = lbc.clean_args(result.args)
-            if self._on_cluster and gpus:
+            if self._on_cluster and gpus and kind != "export":
                 # the job's GPUs are the cluster's: this machine (often without any) cannot tell
                 # whether they do bf16, so LLaMA-Factory's parser checks the rest as for a CPU
                 checked["use_cpu"] = True
-            problems.update(validate_args(checked))
+            problems.update(validate_args(checked, kind=kind))
         if problems:
             raise ConfigRejected(problems)
         args = dict(result.args)
@@ -331,11 +333,12 @@ class RunService:
 
     def submit_args(self, user: User, args: dict[str, Any], name: str | None = None, source: str = "api",
                     parent: Run | None = None, same_data: bool = False, *, gpus_per_node: int | None = None,
-                    nodes: int = 1) -> Run:
+                    nodes: int = 1, kind: str = "train") -> Run:
         """``parent``: the run this one was cloned from (recorded); ``same_data``: train on the
-        dataset versions the parent used; ``gpus_per_node``, ``nodes``: see ``prepare``."""
+        dataset versions the parent used; ``gpus_per_node``, ``nodes``: see ``prepare``; ``kind``:
+        "train", or "eval"/"export" for the jobs portal/evaluation.py makes of a finished run."""
         prepared = self.prepare(user, args, name, datasets_of=parent if same_data else None,
-                                gpus_per_node=gpus_per_node, nodes=nodes)
+                                gpus_per_node=gpus_per_node, nodes=nodes, kind=kind)
         run_dir = prepared.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
@@ -349,10 +352,12 @@ class RunService:
             name=prepared.name, owner_id=user.id, owner=user.username, status=RunStatus.queued,
             stage=str(prepared.args.get("stage", "")), finetuning_type=str(prepared.args.get("finetuning_type", "")),
             model_name_or_path=str(prepared.args.get("model_name_or_path", "")),
-            datasets=str(prepared.args.get("dataset", "")), config_yaml=prepared.yaml, config_sha256=sha,
-            run_dir=str(run_dir), output_dir=str(prepared.args["output_dir"]), launcher=self.launcher.name,
+            datasets=str(prepared.args.get("dataset") or prepared.args.get("eval_dataset") or ""),
+            config_yaml=prepared.yaml, config_sha256=sha, run_dir=str(run_dir),
+            output_dir=str(prepared.args.get("export_dir") if kind == "export" else prepared.args["output_dir"]),
+            launcher=self.launcher.name,
             gpus=prepared.gpus, nodes=prepared.nodes, dataset_fingerprints=json.dumps(prepared.fingerprints),
-            parent_id=parent.id if parent is not None else None,
+            parent_id=parent.id if parent is not None else None, kind=kind,
         )
         with self.db.session() as s:
             s.add(run)
@@ -362,6 +367,7 @@ class RunService:
             run.mlflow_run_id = self.tracker.create_run(prepared.name, {
                 "portal.run_id": str(run.id), "portal.owner": user.username, "portal.run_name": prepared.name,
                 "portal.config_sha256": sha, "portal.source": source, "mlflow.user": user.username,
+                "portal.kind": kind,
                 **({"portal.parent_run_id": str(parent.id)} if parent is not None else {}),
             })
             self.tracker.log_params(run.mlflow_run_id, {
@@ -461,49 +467,6 @@ class RunService:
         curves = {run.id: (self.metrics(user, run.id) if run.mlflow_run_id else []) for run in chosen}
         return Comparison(runs=chosen, curves=curves, differences=differences)
 
-    # ---- chat ------------------------------------------------------------------------------
-    @property
-    def chat_servers(self):
-        """The chat servers of this process, made on first use (they start nothing until asked)."""
-        with self._chat_lock:
-            if self._chat_servers is None:
-                from .launchers.local import LocalLauncher
-                from .serving import LocalChatServers
-
-                launcher = self.launcher if isinstance(self.launcher, LocalLauncher) else None
-                self._chat_servers = LocalChatServers(
-                    self.settings.data_root / "chat-servers", launcher=launcher,
-                    max_servers=self.settings.chat_max_servers, idle_seconds=self.settings.chat_idle_seconds,
-                    gpu_ids=self.settings.chat_gpus)
-            return self._chat_servers
-
-    def stop_chat_servers(self) -> None:
-        if self._chat_servers is not None:
-            self._chat_servers.stop_all()
-
-    def chat_targets(self, user: User, limit: int = 100) -> list[Run]:
-        """The user's runs one can chat with: succeeded LoRA/OFT runs whose adapter is there."""
-        from .serving import ChatServerError, check_servable
-
-        history, _ = self.search_runs(user, RunQuery(status=["succeeded"], limit=min(limit, 500)))
-        out = []
-        for run in history:
-            try:
-                check_servable(run)
-            except ChatServerError:
-                continue
-            out.append(run)
-        return out
-
-    def chat_stream(self, user: User, run_id: int, messages: list[dict[str, str]], **params: Any):
-        """Stream an answer of a run's model (the user's own run; admins any). Raises NotFound,
-        ChatServerError or InferenceError with a message for the person."""
-        run = self.get_run(user, run_id, purpose="chat")
-        servers = self.chat_servers
-        if servers.info(run.id) is None:
-            self.audit(user.username, "chat_load", f"run:{run.id}", "model server started for a chat")
-        return servers.stream_chat(run, messages, **params)
-
     def list_runs(self, user: User, limit: int = 500) -> list[Run]:
         with self.db.session() as s:
             query = select(Run).order_by(Run.id.desc()).limit(limit)
@@ -544,6 +507,134 @@ class RunService:
     def mlflow_url(self, run: Run) -> str | None:
         return self.tracker.run_url(run.mlflow_run_id) if run.mlflow_run_id else None
 
+    # ---- status history, log file, artifacts, resume ---------------------------------------
+    def status_events(self, user: User, run_id: int) -> list[RunEvent]:
+        """The run's status changes, oldest first (none for runs made before migration 0008)."""
+        run = self.get_run(user, run_id)
+        with self.db.session() as s:
+            return list(s.exec(select(RunEvent).where(RunEvent.run_id == run.id)
+                               .order_by(RunEvent.at, RunEvent.id)).all())
+
+    def _run_base(self, run: Run) -> Path:
+        from .run_files import FileRefused, run_base
+
+        try:
+            return run_base(run.run_dir, UserSpace.for_user(self.settings.users_root, run.owner).root)
+        except FileRefused as err:
+            raise NotFound(f"run {run.id}: {err}") from err
+
+    def open_log(self, user: User, run_id: int) -> tuple[Run, Any, int]:
+        """The run's whole log file, opened for reading (the owner's or an admin's), and its size
+        now (a running job's log grows: read that many bytes). NotFound when there is none."""
+        from .run_files import FileRefused, open_inside
+
+        run = self.get_run(user, run_id, purpose="download")
+        try:
+            handle, info = open_inside(self._run_base(run), LOG_FILE)
+        except FileRefused as err:
+            raise NotFound(f"run {run.id} has no log file yet") from err
+        return run, handle, info.st_size
+
+    def artifacts(self, user: User, run_id: int):
+        """The files of the run's output folder (checkpoints as one entry each) and whether the
+        list was cut; see portal/run_files.py."""
+        from .run_files import list_artifacts
+
+        run = self.get_run(user, run_id)
+        try:
+            return list_artifacts(self._run_base(run))
+        except NotFound:
+            return [], False
+
+    def artifact_bytes(self, user: User, run_id: int, path: str) -> tuple[str, bytes]:
+        """One small file of the run's output folder: its name and content. NotFound for anything
+        that is not a regular file inside it (links, '..', absolute paths); PortalError over the cap."""
+        from .run_files import ARTIFACT_DOWNLOAD_MAX_BYTES, OUTPUT_DIR, FileRefused, open_inside
+
+        run = self.get_run(user, run_id, purpose="download")
+        try:
+            handle, info = open_inside(self._run_base(run), f"{OUTPUT_DIR}/{path}")
+        except FileRefused as err:
+            raise NotFound(f"run {run.id}: {err}") from err
+        with handle:
+            if info.st_size > ARTIFACT_DOWNLOAD_MAX_BYTES:
+                raise PortalError(f"'{path}' is {info.st_size / 1e6:.1f} MB: files up to "
+                                  f"{ARTIFACT_DOWNLOAD_MAX_BYTES // (1024 * 1024)} MB can be downloaded here "
+                                  f"(the run's output folder is {run.output_dir})")
+            data = handle.read(ARTIFACT_DOWNLOAD_MAX_BYTES + 1)
+        if len(data) > ARTIFACT_DOWNLOAD_MAX_BYTES:
+            raise PortalError(f"'{path}' grew over the download limit while it was read: try again later")
+        return path.rsplit("/", 1)[-1], data
+
+    def resumable_checkpoint(self, user: User, run: Run) -> Path | None:
+        """The checkpoint ``user`` can resume ``run`` from: a failed or cancelled run of their own
+        with an ``output/checkpoint-N`` folder (its newest). None otherwise."""
+        from .run_files import last_checkpoint
+
+        if run.status not in (RunStatus.failed, RunStatus.cancelled) or run.owner_id != user.id:
+            return None
+        try:
+            return last_checkpoint(self._run_base(run))
+        except NotFound:
+            return None
+
+    def resume(self, user: User, run_id: int, name: str | None = None) -> Run:
+        """A new run of a failed or cancelled run's config, on its dataset versions, that starts
+        from its last checkpoint (LLaMA-Factory's ``resume_from_checkpoint``, a path the portal
+        resolves in the owner's space). The new run records the old one as its parent."""
+        parent = self.get_run(user, run_id, purpose="resume")
+        if parent.status not in (RunStatus.failed, RunStatus.cancelled):
+            raise PortalError(f"run {parent.id} is {parent.status.value}: only a failed or cancelled run can be "
+                              "resumed (clone a succeeded run to train it again)")
+        if parent.owner_id != user.id:
+            raise PortalError(f"run {parent.id} is {parent.owner}'s: only its owner can resume it (its checkpoint "
+                              "lies in their space); clone it to train it again in yours")
+        checkpoint = self.resumable_checkpoint(user, parent)
+        if checkpoint is None:
+            raise PortalError(f"run {parent.id} saved no checkpoint (no checkpoint-N folder in its output): "
+                              "there is nothing to resume from; clone it to train it again from the start")
+        args = lbc.yaml_to_args(parent.config_yaml)
+        for key in ("output_dir", "dataset_dir", "media_dir", "preprocessing_num_workers", "use_cpu"):
+            args.pop(key, None)  # the portal sets these for the new run
+        args["resume_from_checkpoint"] = str(checkpoint)
+        if not name:
+            space, stem = self.space(user), parent.name[:90]
+            name = f"{stem}_resume"
+            number = 2
+            while space.run_dir(name).exists():
+                name, number = f"{stem}_resume{number}", number + 1
+        return self.submit_args(user, args, name=name, source="resume", parent=parent, same_data=True)
+
+    # ---- evaluate, merge, register (portal/evaluation.py, portal/registry.py) ---------------
+    def evaluate(self, user: User, run_id: int, datasets: list[str] | None = None, max_samples: int | None = None,
+                 predict_with_generate: bool = True, max_new_tokens: int = 128, batch_size: int = 4,
+                 name: str | None = None) -> Run:
+        """Submit an eval job (kind "eval") of a succeeded run of the user's; its metrics land on
+        both MLflow runs when it succeeds."""
+        from .evaluation import evaluate
+
+        return evaluate(self, user, run_id, datasets, max_samples, predict_with_generate=predict_with_generate,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, name=name)
+
+    def evaluations(self, user: User, run_id: int):
+        """The eval runs of a run, newest first, with their metrics (portal/evaluation.py)."""
+        from .evaluation import evaluations
+
+        return evaluations(self, user, run_id)
+
+    def merge(self, user: User, run_id: int, name: str | None = None) -> Run:
+        """Submit an export job (kind "export") of a succeeded run of the user's; its merged model
+        is registered in MLflow as ``name`` when it succeeds."""
+        from .evaluation import merge
+
+        return merge(self, user, run_id, name)
+
+    def set_alias(self, admin: User, name: str, version: str | int, alias: str) -> None:
+        """Point a registry alias (candidate, production) at a model version: admins only."""
+        from .registry import set_alias
+
+        set_alias(self, admin, name, version, alias)
+
     # ---- cancelling ----------------------------------------------------------------------
     def cancel(self, user: User, run_id: int) -> Run:
         run = self.get_run(user, run_id, purpose="cancel")
@@ -574,13 +665,34 @@ class RunService:
 
     # ---- supervising jobs ----------------------------------------------------------------
     def _set(self, run_id: int, where: tuple[RunStatus, ...] | None = None, **values: Any) -> bool:
+        """Update a run's row (only while its status is one of ``where``). A change of ``status``
+        also writes a RunEvent, in the same transaction, when the update matched and the status
+        really changed: the update is made conditional on the status just read, and read again
+        if another process changed it meanwhile."""
+        if "status" not in values:
+            with self.db.session() as s:
+                stmt = update(Run).where(Run.id == run_id)
+                if where:
+                    stmt = stmt.where(Run.status.in_(where))
+                result = s.exec(stmt.values(**values))  # type: ignore[call-overload]
+                s.commit()
+                return result.rowcount == 1
+        new = RunStatus(values["status"])
         with self.db.session() as s:
-            stmt = update(Run).where(Run.id == run_id)
-            if where:
-                stmt = stmt.where(Run.status.in_(where))
-            result = s.exec(stmt.values(**values))  # type: ignore[call-overload]
-            s.commit()
-            return result.rowcount == 1
+            for _ in range(20):
+                old = s.exec(select(Run.status).where(Run.id == run_id)).first()
+                if old is None or (where and old not in where):
+                    s.rollback()
+                    return False
+                stmt = update(Run).where(Run.id == run_id, Run.status == old)
+                result = s.exec(stmt.values(**values))  # type: ignore[call-overload]
+                if result.rowcount == 1:
+                    if old != new:
+                        s.add(RunEvent(run_id=run_id, status=new, reason=values.get("status_reason")))
+                    s.commit()
+                    return True
+                s.rollback()  # the status changed between the read and the update: read it again
+        return False
 
     def dispatch(self) -> None:
         """Start queued runs, oldest first, while run slots and GPUs are free."""
@@ -639,15 +751,16 @@ class RunService:
 
     def _start(self, run: Run, gpu_ids: list[int]) -> None:
         run_dir = Path(run.run_dir)
+        command = "export" if run.kind == "export" else "train"  # an eval job is `train` with do_predict
         env = {
             "MLFLOW_TRACKING_URI": self.tracker.tracking_uri,
             "MLFLOW_RUN_ID": run.mlflow_run_id or "",
             "MLFLOW_EXPERIMENT_NAME": self.tracker.experiment_name,
         }
         spec = JobSpec(run_id=run.id, name=run.name, owner=run.owner, workdir=run_dir, log_path=run_dir / LOG_FILE,
-                       argv=[llamafactory_cli(), "train", str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids,
+                       argv=[llamafactory_cli(), command, str(run_dir / CONFIG_FILE)], env=env, gpu_ids=gpu_ids,
                        gpus=run.gpus, nodes=run.nodes, config_yaml=run.config_yaml, config_sha256=run.config_sha256,
-                       experiment=self.tracker.experiment_name)
+                       experiment=self.tracker.experiment_name, command=command)
         self._starting.add(run.id)  # poll_active leaves it alone until its state is stored
         try:
             try:
@@ -782,6 +895,10 @@ class RunService:
             if run.mlflow_run_id:
                 self._finish_tracking(run.mlflow_run_id, mlflow_status)
             log.info("run %s (%s) %s%s", run.id, run.name, status.value, f": {reason}" if reason else "")
+            if status == RunStatus.succeeded and run.kind in ("eval", "export"):
+                from .evaluation import after_success
+
+                after_success(self, run)  # metrics onto the evaluated run; the merged model registered
 
     def _finish_tracking(self, mlflow_run_id: str, status: str) -> None:
         try:

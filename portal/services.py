@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from .catalog import Catalog
+from .chat import ChatService
 from .config import Settings
 from .datasets import DatasetService
 from .db import Database
@@ -26,6 +27,7 @@ class Services:
     runs: RunService
     datasets: DatasetService
     tokens: TokenService
+    chat: ChatService
     mlflow_server: EmbeddedMlflow | None = None
 
 
@@ -69,4 +71,4 @@ def build_services(settings: Settings, *, start_tracking: bool = True) -> Servic
     datasets = DatasetService(settings, db, catalog)
     runs = RunService(settings, db, catalog, launcher, tracker, datasets)
     return Services(settings=settings, db=db, catalog=catalog, tracker=tracker, runs=runs, datasets=datasets,
-                    tokens=TokenService(db), mlflow_server=server)
+                    tokens=TokenService(db), chat=ChatService(runs), mlflow_server=server)

@@ -15,6 +15,7 @@ Who may chat with which run is decided before this module: callers pass a Run th
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.util
 import json
 import logging
@@ -24,7 +25,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ import yaml
 from llamaboard_ext import compile as lbc
 
 from . import inference
+from .idle import Reaper, busy
 from .launchers import JobSpec, LaunchError
 from .launchers.local import LocalLauncher
 from .models import Run, RunStatus
@@ -66,7 +67,8 @@ class Endpoint:
 class ServerInfo:
     """What an admin page may show about one running server (no key)."""
 
-    run_id: int
+    key: str  # run-<id>: the run's adapter; base-<digest>: a base model alone (side by side)
+    run_id: int  # the run it was started for
     owner: str
     base_url: str
     model_name: str
@@ -78,6 +80,7 @@ class ServerInfo:
 
 @dataclass
 class _Server:
+    key: str
     run_id: int
     owner: str
     endpoint: Endpoint
@@ -85,9 +88,15 @@ class _Server:
     started_at: float
     last_used: float
     busy: int = 0
+    answered_at: float = 0.0  # time.monotonic() of its last whole answer (or of its start)
 
 
 PROBE_TIMEOUT_SECONDS = 3.0
+# A server that finished an answer this recently is reused without asking /v1/models first: the
+# probe costs a round trip on every message (a third of the portal's share of the first token
+# on a small model). A server that died since then fails the next message at connect, before any
+# text, and that message is retried once on a probed (or new) server.
+TRUSTED_SECONDS = 30.0
 
 
 def _free_port() -> int:
@@ -154,6 +163,20 @@ def _reap(state: dict[str, Any], within: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+def run_key(run_id: int) -> str:
+    return f"run-{run_id}"
+
+
+def base_key(args: dict[str, Any]) -> str:
+    """One base-model server per (model, template, remote code) whichever run asked for it."""
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+    return f"base-{digest}"
+
+
+def _what(server: _Server) -> str:
+    return f"run {server.run_id}" if server.key == run_key(server.run_id) else f"the base model of run {server.run_id}"
+
+
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -164,6 +187,15 @@ def check_servable(run: Run) -> None:
     if status != RunStatus.succeeded.value:
         raise ChatServerError(f"run {run.id} ({run.name}) has status '{status}': only runs that succeeded can be "
                               "chatted with")
+    kind = getattr(run, "kind", "train")
+    if kind == "eval":
+        raise ChatServerError(f"run {run.id} ({run.name}) is an evaluation: chat with the run it evaluated "
+                              f"(run {run.parent_id})")
+    if kind == "export":  # a merged model: served as a whole model from its export folder
+        if not run.output_dir or not (Path(run.output_dir) / "config.json").is_file():
+            raise ChatServerError(f"the merged model of run {run.id} ({run.name}) is missing from {run.output_dir}: "
+                                  "it may have been deleted; merge the trained run again")
+        return
     if run.finetuning_type not in ADAPTER_TYPES:
         raise ChatServerError(f"run {run.id} ({run.name}) trained with finetuning_type '{run.finetuning_type}': "
                               f"chat serves adapters ({', '.join(ADAPTER_TYPES)}) for now; export the model "
@@ -193,79 +225,115 @@ class LocalChatServers:
         self.start_timeout = start_timeout
         self.stop_grace_seconds = stop_grace_seconds
         self.gpu_ids = list(gpu_ids)  # [] runs servers on the CPU
-        self._servers: dict[int, _Server] = {}
-        self._starting: set[int] = set()  # run ids whose server is starting: they hold a slot
-        self._run_locks: dict[int, threading.Lock] = {}
+        self._servers: dict[str, _Server] = {}
+        self._starting: set[str] = set()  # keys of servers starting: they hold a slot
+        self._run_locks: dict[str, threading.Lock] = {}
+        self._base_keys: dict[tuple[int, str | None], str] = {}  # (run id, template) -> base-<digest>
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._reaper: threading.Thread | None = None
+        self._reaper = Reaper("chat-server-reaper", lambda: self.idle_seconds, self.reap_idle, self._closed)
         self._me = self._portal_identity()
         self.stop_leftovers()
         atexit.register(self.stop_all)
 
     # ---- public --------------------------------------------------------------------------
-    def ensure(self, run: Run, *, template: str | None = None) -> Endpoint:
+    def ensure(self, run: Run, *, template: str | None = None, base: bool = False) -> Endpoint:
         """The endpoint of the run's server: the running one, else a new one once it answers.
 
         ``template``: LLaMA-Factory chat template; None takes the one the run trained with.
+        ``base``: a server of the run's base model without the adapter (shared by every run on
+        that model and template): the "before" of a side-by-side chat.
         """
+        return self._ensure(run, template, base)[1]
+
+    def _ensure(self, run: Run, template: str | None, base: bool) -> tuple[str, Endpoint]:
         check_servable(run)
         if self._closed.is_set():
             raise ChatServerError("the portal is shutting down: chat is not available")
+        # the args are made (the run's YAML parsed, ~10 ms) only to start a server, or once per run
+        # for a base model's key: not for every message to a running one
+        args: dict[str, Any] | None = None
+        if base:
+            with self._lock:
+                key = self._base_keys.get((run.id, template))
+            if key is None:
+                args = self.server_args(run, template, base=True)
+                key = base_key(args)
+                with self._lock:
+                    self._base_keys[(run.id, template)] = key
+        else:
+            key = run_key(run.id)
         with self._lock:
-            run_lock = self._run_locks.setdefault(run.id, threading.Lock())
-        with run_lock:  # one start per run; other runs start in parallel
-            server = self._servers.get(run.id)
+            run_lock = self._run_locks.setdefault(key, threading.Lock())
+        with run_lock:  # one start per server; others start in parallel
+            server = self._servers.get(key)
             if server is not None:
-                if self.launcher.is_alive(server.state) and (server.busy or _answers(server.endpoint)):
+                trusted = time.monotonic() - server.answered_at < TRUSTED_SECONDS
+                if self.launcher.is_alive(server.state) and (server.busy or trusted or _answers(server.endpoint)):
                     server.last_used = time.time()
-                    return server.endpoint
-                log.warning("chat server of run %s (pid %s) died; starting a new one", run.id, server.state.get("pid"))
-                self._forget(run.id)
+                    return key, server.endpoint
+                log.warning("chat server %s (pid %s) died; starting a new one", key, server.state.get("pid"))
+                self._forget(key)
                 _kill_group_leftovers(server.state)
                 self.launcher.is_alive(server.state)  # waits for the leader if it is our child
                 _reap(server.state)
-            for victim in self._take_slot(run.id):
+            for victim in self._take_slot(key):
                 self._stop_server(victim, "making room for another run's chat server")
             try:
-                server = self._start(run, template)
+                server = self._start(run, key, args or self.server_args(run, template, base=base))
             finally:
                 with self._lock:
-                    self._starting.discard(run.id)
+                    self._starting.discard(key)
             with self._lock:
                 closing = self._closed.is_set()  # stop_all ran while this server was starting
                 if not closing:
-                    self._servers[run.id] = server
+                    self._servers[key] = server
             if closing:
                 self._stop_server(server, "the portal is stopping")
                 raise ChatServerError("the portal is shutting down: chat is not available")
-            self._start_reaper()
-            return server.endpoint
+            self._reaper.start()
+            return key, server.endpoint
 
     def touch(self, run_id: int) -> None:
         """Mark the run's server as used now (the idle clock restarts)."""
         with self._lock:
-            server = self._servers.get(run_id)
+            server = self._servers.get(run_key(run_id))
             if server is not None:
                 server.last_used = time.time()
 
     def stream_chat(self, run: Run, messages: Sequence[inference.Message], *, template: str | None = None,
-                    temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 512,
+                    base: bool = False, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 512,
                     timeout: float = inference.DEFAULT_TIMEOUT) -> Iterator[str]:
-        """Ensure the run's server and stream an answer from it. While it streams the server
-        is neither idle-stopped nor evicted for another run."""
-        endpoint = self.ensure(run, template=template)
-        with self._in_use(run.id):
-            yield from inference.stream_chat(endpoint.base_url, endpoint.model_name, messages,
-                                             temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                             api_key=endpoint.api_key, timeout=timeout)
+        """Ensure the run's server (``base``: its base model's) and stream an answer from it.
+        While it streams the server is neither idle-stopped nor evicted for another run."""
+        for attempt in (1, 2):
+            key, endpoint = self._ensure(run, template, base)
+            answered = False
+            with self._in_use(key) as server:
+                try:
+                    for piece in inference.stream_chat(endpoint.base_url, endpoint.model_name, messages,
+                                                       temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                                       api_key=endpoint.api_key, timeout=timeout):
+                        answered = True
+                        yield piece
+                except inference.InferenceError as err:
+                    if server is not None:
+                        server.answered_at = 0.0  # not trusted any more: the next use asks it first
+                    if answered or attempt == 2 or not isinstance(err, inference.ServerGone):
+                        raise
+                    log.warning("chat server %s did not take the message; checking it and trying once more", key)
+                    continue
+                if server is not None:
+                    server.answered_at = time.monotonic()
+                return
 
     def stop(self, run_id: int) -> bool:
         """Stop the run's server (after its start, if one is under way); False when none was running."""
+        key = run_key(run_id)
         with self._lock:
-            run_lock = self._run_locks.setdefault(run_id, threading.Lock())
+            run_lock = self._run_locks.setdefault(key, threading.Lock())
         with run_lock, self._lock:
-            server = self._servers.pop(run_id, None)
+            server = self._servers.pop(key, None)
         if server is None:
             return False
         self._stop_server(server, "stopped on request")
@@ -279,23 +347,22 @@ class LocalChatServers:
             self._servers.clear()
         for server in servers:
             self._stop_server(server, "the portal is stopping")
-        if self._reaper is not None and self._reaper is not threading.current_thread():
-            self._reaper.join(timeout=10)
+        self._reaper.join()
 
     def running(self) -> list[ServerInfo]:
         with self._lock:
             servers = list(self._servers.values())
-        return [ServerInfo(run_id=s.run_id, owner=s.owner, base_url=s.endpoint.base_url,
+        return [ServerInfo(key=s.key, run_id=s.run_id, owner=s.owner, base_url=s.endpoint.base_url,
                            model_name=s.endpoint.model_name, pid=int(s.state["pid"]), started_at=s.started_at,
                            last_used=s.last_used, busy=s.busy) for s in servers]
 
     def info(self, run_id: int) -> ServerInfo | None:
-        return next((info for info in self.running() if info.run_id == run_id), None)
+        return next((info for info in self.running() if info.key == run_key(run_id)), None)
 
     def stop_leftovers(self) -> int:
         """Stop servers recorded by portal processes that are gone (killed, crashed); returns how many."""
         stopped = 0
-        for path in sorted(self.state_dir.glob("run-*.json")):
+        for path in sorted(self.state_dir.glob("*.json")):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -306,7 +373,7 @@ class LocalChatServers:
                 continue  # ours, or another live portal process's
             state = record.get("state", {})
             if self.launcher.is_alive(state):
-                log.info("stopping the chat server of run %s left by portal process %s", record.get("run_id"),
+                log.info("stopping chat server %s left by portal process %s", record.get("key", record.get("run_id")),
                          portal.get("pid"))
                 self.launcher.stop(state, self.stop_grace_seconds)
                 stopped += 1
@@ -315,7 +382,7 @@ class LocalChatServers:
         return stopped
 
     # ---- starting ------------------------------------------------------------------------
-    def _take_slot(self, run_id: int) -> list[_Server]:
+    def _take_slot(self, key: str) -> list[_Server]:
         """Reserve a slot for the run's new server; returns the servers to stop for it (LRU)."""
         with self._lock:
             victims: list[_Server] = []
@@ -325,13 +392,14 @@ class LocalChatServers:
                     raise ChatServerError(f"all {self.max_servers} chat server slot(s) are in use right now: "
                                           "try again in a minute, or ask an admin for more")
                 victim = min(idle, key=lambda s: s.last_used)
-                del self._servers[victim.run_id]
+                del self._servers[victim.key]
                 victims.append(victim)
-            self._starting.add(run_id)
+            self._starting.add(key)
             return victims
 
-    def server_args(self, run: Run, template: str | None) -> dict[str, Any]:
-        """The arguments of ``llamafactory-cli api`` for the run, all from the Run row."""
+    def server_args(self, run: Run, template: str | None, *, base: bool = False) -> dict[str, Any]:
+        """The arguments of ``llamafactory-cli api`` for the run (``base``: its base model alone),
+        all from the Run row."""
         try:
             trained = lbc.yaml_to_args(run.config_yaml) if run.config_yaml else {}
         except lbc.YamlError:
@@ -339,9 +407,10 @@ class LocalChatServers:
         template = template or trained.get("template")
         if not template:
             raise ChatServerError(f"run {run.id} ({run.name}) names no chat template in its config: choose one")
+        merged = getattr(run, "kind", "train") == "export" and not base  # its export folder, no adapter
         args: dict[str, Any] = {
-            "model_name_or_path": run.model_name_or_path,
-            "adapter_name_or_path": run.output_dir,
+            "model_name_or_path": run.output_dir if merged else run.model_name_or_path,
+            **({} if base or merged else {"adapter_name_or_path": run.output_dir}),
             "template": template,
             "finetuning_type": run.finetuning_type,
             # vLLM needs a GPU; the huggingface backend runs anywhere
@@ -355,14 +424,15 @@ class LocalChatServers:
             args["infer_dtype"] = "float32"
         return args
 
-    def _start(self, run: Run, template: str | None) -> _Server:
-        args = self.server_args(run, template)
-        workdir = Path(run.run_dir) / SERVER_DIR
+    def _start(self, run: Run, key: str, args: dict[str, Any]) -> _Server:
+        if "adapter_name_or_path" in args:  # the run's own: beside its training output
+            workdir, log_path = Path(run.run_dir) / SERVER_DIR, Path(run.run_dir) / SERVER_LOG
+        else:  # a base model's, shared by runs of several users: in the portal's own folder
+            workdir, log_path = self.state_dir / key, self.state_dir / f"{key}.log"
         workdir.mkdir(parents=True, exist_ok=True)
         args_file = workdir / ARGS_FILE
         args_file.write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
-        log_path = Path(run.run_dir) / SERVER_LOG
-        model_name = f"run-{run.id}"
+        model_name = key
         # a fresh key per server: other local users of this machine can reach loopback ports too
         api_key = secrets.token_urlsafe(32)
         for attempt in (1, 2):  # a port taken between choosing and binding: once more on another
@@ -380,7 +450,8 @@ class LocalChatServers:
             except LaunchError as err:
                 raise ChatServerError(f"could not start the chat server of run {run.id}: {err}") from err
             now = time.time()
-            server = _Server(run_id=run.id, owner=run.owner, state=state, started_at=now, last_used=now,
+            server = _Server(key=key, run_id=run.id, owner=run.owner, state=state, started_at=now, last_used=now,
+                             answered_at=time.monotonic(),
                              endpoint=Endpoint(f"http://127.0.0.1:{port}/v1", model_name, api_key))
             self._write_record(server)
             try:
@@ -390,7 +461,7 @@ class LocalChatServers:
                 if attempt == 1 and "address already in use" in str(err).lower():
                     continue
                 raise
-            log.info("chat server of run %s ready on port %s in %.1f s (pid %s)", run.id, port,
+            log.info("chat server %s ready on port %s in %.1f s (pid %s)", key, port,
                      time.monotonic() - started, state["pid"])
             return server
         raise AssertionError("unreachable")
@@ -402,7 +473,7 @@ class LocalChatServers:
         while True:
             ended = self.launcher.poll(server.state)
             if ended.exit_code is not None:
-                raise ChatServerError(f"the chat server of run {server.run_id} stopped while starting "
+                raise ChatServerError(f"the chat server of {_what(server)} stopped while starting "
                                       f"({ended.reason or 'exit code 0'}); the end of {log_path.name}:\n"
                                       f"{self._log_tail(log_path)}")
             try:
@@ -411,7 +482,7 @@ class LocalChatServers:
             except httpx.HTTPError:
                 pass  # not listening yet: loading the model
             if time.monotonic() > deadline:
-                raise ChatServerError(f"the chat server of run {server.run_id} did not answer within "
+                raise ChatServerError(f"the chat server of {_what(server)} did not answer within "
                                       f"{self.start_timeout:g} s (a big model loads slowly; an admin can raise the "
                                       f"start timeout); the end of {log_path.name}:\n{self._log_tail(log_path)}")
             time.sleep(0.25)
@@ -431,44 +502,18 @@ class LocalChatServers:
             # stop() may return while the leader is a zombie not yet waited for (it counts
             # zombies as gone); nothing polls a chat server later, so wait for it here
             self.launcher.is_alive(server.state)
-            self._record_path(server.run_id).unlink(missing_ok=True)
-        log.info("stopped the chat server of run %s (pid %s) in %.1f s: %s", server.run_id, server.state.get("pid"),
+            self._record_path(server.key).unlink(missing_ok=True)
+        log.info("stopped chat server %s (pid %s) in %.1f s: %s", server.key, server.state.get("pid"),
                  time.monotonic() - began, why)
 
-    def _forget(self, run_id: int) -> None:
+    def _forget(self, key: str) -> None:
         with self._lock:
-            self._servers.pop(run_id, None)
-        self._record_path(run_id).unlink(missing_ok=True)
+            self._servers.pop(key, None)
+        self._record_path(key).unlink(missing_ok=True)
 
-    @contextmanager
-    def _in_use(self, run_id: int):
-        with self._lock:
-            server = self._servers.get(run_id)
-            if server is not None:
-                server.busy += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                if server is not None:
-                    server.busy -= 1
-                    server.last_used = time.time()
-
-    def _start_reaper(self) -> None:
-        with self._lock:
-            if self._reaper is not None and self._reaper.is_alive():
-                return
-            self._reaper = threading.Thread(target=self._reap_loop, name="chat-server-reaper", daemon=True)
-            self._reaper.start()
-
-    def _reap_loop(self) -> None:
-        while not self._closed.is_set():
-            # a quarter of the idle time: a server is stopped at most 25 % later than due
-            self._closed.wait(max(0.2, min(30.0, self.idle_seconds / 4)))
-            try:
-                self.reap_idle()
-            except Exception:  # keep reaping; the next tick retries
-                log.exception("chat server reaper tick failed")
+    def _in_use(self, key: str):
+        """While it streams an answer, a server is neither idle-stopped nor evicted."""
+        return busy(self._lock, lambda: self._servers.get(key))
 
     def reap_idle(self) -> int:
         """Stop servers idle longer than ``idle_seconds`` and forget dead ones; returns how many."""
@@ -481,7 +526,7 @@ class LocalChatServers:
                 elif server.busy == 0 and now - server.last_used > self.idle_seconds:
                     due.append((server, f"idle for more than {self.idle_seconds:g} s"))
             for server, _ in due:
-                del self._servers[server.run_id]
+                del self._servers[server.key]
         for server, why in due:
             self._stop_server(server, why)
         return len(due)
@@ -495,14 +540,14 @@ class LocalChatServers:
             create_time = 0.0
         return {"pid": os.getpid(), "create_time": create_time}
 
-    def _record_path(self, run_id: int) -> Path:
-        return self.state_dir / f"run-{run_id}.json"
+    def _record_path(self, key: str) -> Path:
+        return self.state_dir / f"{key}.json"
 
     def _write_record(self, server: _Server) -> None:
         # no API key here: a server left by a dead portal is stopped, never re-adopted
-        record = {"run_id": server.run_id, "portal": self._me, "state": server.state,
+        record = {"key": server.key, "run_id": server.run_id, "portal": self._me, "state": server.state,
                   "base_url": server.endpoint.base_url, "started_at": server.started_at}
-        path = self._record_path(server.run_id)
+        path = self._record_path(server.key)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record), encoding="utf-8")
         os.replace(tmp, path)

@@ -62,6 +62,11 @@ class UserSpace:
     def forms_dir(self) -> Path:
         return self.root / "forms"
 
+    @property
+    def models_dir(self) -> Path:
+        """Merged models (export runs write ``models/<run name>``): made by the first merge."""
+        return self.root / "models"
+
     def run_dir(self, run_name: str) -> Path:
         return self.runs_dir / check_name(run_name, "run name")
 

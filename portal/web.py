@@ -12,9 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from . import __version__
 from .models import User
+from .ratelimit import RateLimits, too_many
 from .request_context import client_address
 from .services import Services
 from .tokens import TOKEN_PREFIX, bearer_token
@@ -42,16 +44,27 @@ TOKEN_PATHS = ("/api/", "/v1/")  # where a personal access token signs in (never
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def hostile_request(request: Request, public_url: str | None = None) -> str | None:
-    """Why a request is refused before any route sees it (None: let it through)."""
-    path = request.url.path
+def route_path(conn: HTTPConnection) -> str:
+    """The path inside the portal, without the sub-path (root_path) a reverse proxy serves it under:
+    every check on paths reads this, so /llm/ui/... is checked as /ui/..."""
+    path, root = conn.scope["path"], conn.scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
+def hostile_request(request: HTTPConnection, public_url: str | None = None) -> str | None:
+    """Why a request (HTTP or WebSocket handshake) is refused before any route sees it (None: let it through)."""
+    path = route_path(request)
     if path.lower().startswith(REFUSED_PREFIXES):  # Gradio treats "HTTP://" as a URL too
         return "this route is disabled in the portal"
     if "deep_link" in request.query_params:  # loads a saved page state by its hash, whoever saved it
         return "deep links are disabled in the portal"
-    if request.method in STATE_CHANGING:
+    # a WebSocket is not bound by the same-origin policy: a browser sends its page's Origin, check it always
+    if request.scope["type"] == "websocket" or request.scope.get("method") in STATE_CHANGING:
         origin = request.headers.get("origin")
-        own = {f"{request.url.scheme}://{request.headers.get('host', '')}"}
+        scheme = {"ws": "http", "wss": "https"}.get(request.url.scheme, request.url.scheme)
+        own = {f"{scheme}://{request.headers.get('host', '')}"}
         if public_url:  # behind a reverse proxy the browser's origin is the public one
             parts = urlsplit(public_url)
             own.add(f"{parts.scheme}://{parts.netloc}")
@@ -60,6 +73,56 @@ def hostile_request(request: Request, public_url: str | None = None) -> str | No
         if request.headers.get("sec-fetch-site") == "cross-site":
             return "cross-site request refused"
     return None
+
+
+def refusal(conn: HTTPConnection, settings) -> str | None:  # noqa: ANN001 (portal.config.Settings)
+    """Why the security layer refuses a request or WebSocket handshake (None: let it through)."""
+    reason = hostile_request(conn, settings.public_url)
+    if reason is None and settings.auth_mode == "none" and not loopback_host_header(conn.headers.get("host")):
+        reason = "without login the portal answers only on a loopback address (localhost, 127.0.0.1, ::1)"
+    return reason
+
+
+def guard_websockets(app, settings):  # noqa: ANN001 (an ASGI app; portal.config.Settings)
+    """The HTTP middleware never sees WebSocket handshakes: the same refusals (foreign Origin,
+    disabled routes, a non-loopback Host without login) for them, in both auth modes."""
+
+    async def guard(scope, receive, send):
+        if scope["type"] == "websocket":
+            reason = refusal(HTTPConnection(scope), settings)
+            if reason is not None:
+                log.warning("WebSocket refused (%s): %s", reason, scope.get("path"))
+                await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+                return
+        await app(scope, receive, send)
+
+    return guard
+
+
+def serve_under_root_path(app, root_path: str):  # noqa: ANN001 (an ASGI app)
+    """Sub-path deployment (decision 0017): the proxy strips /llm (or keeps it; both work), the
+    portal puts it back as the ASGI root_path, so routing strips it and every URL it makes has it.
+    X-Forwarded-Host is dropped: URLs are built from Host (which the proxy must pass on), so a
+    client cannot choose the host Gradio writes into its pages."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"x-forwarded-host"])
+            if root_path:
+                path = scope["path"]
+                if not (path == root_path or path.startswith(root_path + "/")):
+                    scope["path"] = root_path + path
+                    scope["raw_path"] = root_path.encode() + (scope.get("raw_path") or path.encode())
+                scope["root_path"] = root_path
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def uvicorn_proxy_options(settings) -> dict:  # noqa: ANN001 (portal.config.Settings)
+    """X-Forwarded-For/-Proto are believed only from the configured proxies (none by default:
+    the client address in the audit log and the rate limits is the TCP peer's)."""
+    return {"proxy_headers": bool(settings.trusted_proxies), "forwarded_allow_ips": list(settings.trusted_proxies)}
 
 
 def loopback_host_header(host_header: str | None) -> bool:
@@ -87,7 +150,7 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
             runs.start_supervisor()
         yield
         # jobs are never stopped here: local ones and Kubernetes Jobs outlive the portal
-        runs.stop_chat_servers()  # no model server outlives the portal
+        services.chat.close()  # no model server outlives the portal, no adapter stays loaded
         if supervise:
             runs.stop_supervisor()
 
@@ -110,12 +173,14 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
 
     @app.get("/")
     def root():
-        return RedirectResponse(f"{UI_PATH}/")
+        return RedirectResponse(f"{settings.root_path}{UI_PATH}/")
 
+    limits = RateLimits.from_settings(settings)
+    app.state.rate_limits = limits
     if settings.auth_mode == "oidc":
         from .auth import install_oidc, session_username
 
-        install_oidc(app, runs, settings)
+        install_oidc(app, runs, settings, limits)
         current_username = session_username
         if settings.launcher == "local":
             log.warning("OIDC login with the local launcher: every job runs as this portal's OS user and can read "
@@ -142,17 +207,24 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     from .gateway import build_gateway
 
     app.include_router(build_api(runs, request_user))  # /api: JSON for scripts and CI
-    app.include_router(build_gateway(runs, request_user))  # /v1: OpenAI-compatible, behind the same login
+    app.include_router(build_gateway(services.chat, request_user))  # /v1: OpenAI-compatible, behind the same login
 
     @app.middleware("http")  # added after the login guard: it runs first, so a valid token stands for a session
     async def token_auth(request: Request, call_next):
         token = bearer_token(request.headers.get("authorization"))
         if token is not None and settings.auth_mode == "none" and not token.startswith(TOKEN_PREFIX):
             token = None  # loopback, no login: an OpenAI client's placeholder key ("EMPTY") is no token
-        if token is not None and request.url.path.startswith(TOKEN_PATHS):
+        if token is not None and route_path(request).startswith(TOKEN_PATHS):
             client = request.client.host if request.client else None
+            wait = limits.bad_tokens.retry_after(client)
+            if wait is not None:  # locked out after too many bad tokens: not even looked up
+                return too_many(wait, "unknown API tokens")
             user = await run_in_threadpool(services.tokens.authenticate, token, client)
             if user is None:
+                if limits.bad_tokens.hit(client):
+                    await run_in_threadpool(runs.audit, "-", "rate_limited", "api_token",
+                                            f"{limits.bad_tokens.limit} unknown API tokens within "
+                                            f"{settings.rate_limit_window_seconds} s", client=client)
                 return JSONResponse({"detail": "the API token is unknown, revoked or expired: make a new one (Account "
                                                "tab, or `llamaboard-portal tokens create USER` on the portal's machine)"},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -163,11 +235,9 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
     @app.middleware("http")  # added after the login guard: outermost, so refusals get the headers too
     async def security_headers(request: Request, call_next):
         client_address.set(request.client.host if request.client else None)  # for the audit log
-        refusal = hostile_request(request, settings.public_url)
-        if refusal is None and settings.auth_mode == "none" and not loopback_host_header(request.headers.get("host")):
-            refusal = "without login the portal answers only on a loopback address (localhost, 127.0.0.1, ::1)"
-        if refusal is not None:
-            response = JSONResponse({"detail": refusal}, status_code=403)
+        reason = refusal(request, settings)
+        if reason is not None:
+            response = JSONResponse({"detail": reason}, status_code=403)
         else:
             response = await call_next(request)
         for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
@@ -182,9 +252,13 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
 
     from .ui.app import build_ui
 
-    blocks = build_ui(runs, sign_out=settings.auth_mode == "oidc")
+    blocks = build_ui(runs, services.chat, sign_out=settings.auth_mode == "oidc")
     blocks.queue(default_concurrency_limit=8)
+    app.add_middleware(guard_websockets, settings=settings)  # outer to the HTTP layer: WebSockets pass it
+    app.add_middleware(serve_under_root_path, root_path=settings.root_path)  # outermost: paths first
+    # Gradio writes its own URLs (assets, API) from root_path: behind a sub-path it must name it
     app = gr.mount_gradio_app(app, blocks, path=UI_PATH, auth_dependency=current_username,
-                              max_file_size=f"{settings.max_upload_mb}mb", show_api=False)
+                              max_file_size=f"{settings.max_upload_mb}mb", show_api=False,
+                              root_path=f"{settings.root_path}{UI_PATH}" if settings.root_path else None)
     app.state.blocks = blocks
     return app

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -167,6 +168,59 @@ def test_submit_follow_and_isolation_over_http(api_portal):
     with api_portal["services"].db.session() as s:
         denied = s.exec(select(AuditEvent).where(AuditEvent.username == "carol", AuditEvent.action == "denied")).all()
     assert denied and all(e.client == "127.0.0.1" for e in denied)
+
+
+def _alice_succeeded_run(api_portal):
+    """A succeeded run of alice's: the one an earlier test trained, or a new one."""
+    from portal.run_query import RunQuery
+
+    runs, alice = api_portal["services"].runs, api_portal["alice"]
+    done = runs.search_runs(alice, RunQuery(status=["succeeded"], limit=1))[0]
+    if done:
+        return done[0]
+    run = runs.submit_yaml(alice, tiny_config(api_portal["model_dir"], "files_api_run"), source="api")
+    run = runs.wait(alice, run.id, timeout=300, interval=0.5)
+    assert run.status.value == "succeeded", runs.logs(alice, run.id)[-2000:]
+    return run
+
+
+def test_status_history_whole_log_and_files_over_http(api_portal):
+    run = _alice_succeeded_run(api_portal)
+    alice, carol = api(api_portal, api_portal["alice_token"]), api(api_portal, api_portal["carol_token"])
+    got = alice.get(f"/runs/{run.id}").json()
+    assert [e["status"] for e in got["events"]] == ["starting", "running", "succeeded"]
+    assert got["events"][1]["reason"] == "running on the CPU" and got["events"][0]["at"] <= got["events"][2]["at"]
+    assert all(r["events"] is None for r in alice.get("/runs").json()["runs"])  # lists leave the history out
+
+    whole = alice.get(f"/runs/{run.id}/logs", params={"download": 1})
+    on_disk = (Path(run.run_dir) / "job.log").read_bytes()
+    assert whole.status_code == 200 and whole.content == on_disk and int(whole.headers["x-log-offset"]) == len(on_disk)
+    assert whole.headers["content-type"].startswith("text/plain")
+    assert whole.headers["content-disposition"].startswith(f'attachment; filename="run-{run.id}-{run.name}.log"')
+
+    listed = alice.get(f"/runs/{run.id}/artifacts").json()
+    by_path = {a["path"]: a for a in listed["artifacts"]}
+    assert listed["truncated"] is False and by_path["adapter_config.json"]["downloadable"] is True
+    assert {"trainer_log.jsonl", "all_results.json", "adapter_model.safetensors"} <= set(by_path)
+    one = alice.get(f"/runs/{run.id}/artifacts/adapter_config.json")
+    assert one.status_code == 200 and one.json()["peft_type"] == "LORA"
+    assert one.headers["content-disposition"].startswith('attachment; filename="adapter_config.json"')
+    for bad in ("%2E%2E/config.yaml", "%2Fetc%2Fpasswd", "..%2F..%2F..%2Fetc%2Fpasswd", "missing.json"):
+        refused = alice.get(f"/runs/{run.id}/artifacts/{bad}")
+        assert refused.status_code == 404 and "root:" not in refused.text, bad
+
+    resumed = alice.post(f"/runs/{run.id}/resume")  # a succeeded run: nothing to resume
+    assert resumed.status_code == 409 and "only a failed or cancelled run" in resumed.json()["detail"]
+
+    # carol reaches none of it: 404, as for a run that does not exist
+    for method, path in (("GET", f"/runs/{run.id}/logs?download=1"), ("GET", f"/runs/{run.id}/artifacts"),
+                         ("GET", f"/runs/{run.id}/artifacts/adapter_config.json"),
+                         ("POST", f"/runs/{run.id}/resume")):
+        answer = carol.request(method, path)
+        assert answer.status_code == 404 and "peft" not in answer.text, path
+    paths = alice.get("/openapi.json").json()["paths"]
+    assert {"/api/runs/{run_id}/artifacts", "/api/runs/{run_id}/artifacts/{path}", "/api/runs/{run_id}/resume"} <= set(
+        paths)
 
 
 def test_the_openai_gateway_takes_tokens_too(api_portal):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from urllib.parse import parse_qs, quote, urlencode, urlparse, urlunparse
 
 import httpx
@@ -27,20 +28,39 @@ def idp():
         yield url
 
 
-@pytest.fixture(scope="module")
-def sso_portal(tmp_path_factory, mlflow_server, demo_assets, idp):
+@contextmanager
+def serve_sso_portal(tmp_path_factory, mlflow_server, demo_assets, idp, *, server_options: dict | None = None,
+                     **overrides):
+    """A real portal with OIDC against `idp`, served by uvicorn (`server_options`: extra uvicorn settings, as
+    `serve` passes them); `overrides`: settings."""
+    import threading
+
+    import uvicorn
+
     from portal.config import Settings
     from portal.services import build_services
     from portal.web import create_app
 
-    settings = Settings(data_root=tmp_path_factory.mktemp("sso"), mlflow_tracking_uri=mlflow_server, gpus=[],
-                        auth_mode="oidc", oidc_issuer=idp, oidc_client_id="portal", oidc_client_secret="s3cret",
-                        oidc_admin_group="ml-admins")
+    settings = Settings(**{"data_root": tmp_path_factory.mktemp("sso"), "mlflow_tracking_uri": mlflow_server,
+                           "gpus": [], "auth_mode": "oidc", "oidc_issuer": idp, "oidc_client_id": "portal",
+                           "oidc_client_secret": "s3cret", "oidc_admin_group": "ml-admins", **overrides})
     install_assets(settings, demo_assets)
     services = build_services(settings)
     app = create_app(services, supervise=False)
-    with _ServerThread(app, free_port()) as server:
+    port = free_port()
+    server = _ServerThread(app, port)
+    if server_options:
+        server.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                      **server_options))
+        server.thread = threading.Thread(target=server.server.run, daemon=True)
+    with server:
         yield {"url": server.url, "services": services, "app": app}
+
+
+@pytest.fixture(scope="module")
+def sso_portal(tmp_path_factory, mlflow_server, demo_assets, idp):
+    with serve_sso_portal(tmp_path_factory, mlflow_server, demo_assets, idp) as portal:
+        yield portal
 
 
 def login(portal_url: str, sub: str, next_path: str | None = None) -> httpx.Client:

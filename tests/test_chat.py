@@ -20,18 +20,21 @@ def chat_portal(trained):
     app = create_app(services, supervise=False)
     with _ServerThread(app, free_port()) as server:
         yield {"url": server.url, **trained}
-    services.runs.stop_chat_servers()
+    services.chat.close()
 
 
 def test_service_streams_and_keeps_runs_private(chat_portal):
-    runs, alice, run = chat_portal["services"].runs, chat_portal["user"], chat_portal["run"]
-    assert run.id in [r.id for r in runs.chat_targets(alice)]
-    deltas = list(runs.chat_stream(alice, run.id, [{"role": "user", "content": "hello"}], max_tokens=8))
+    runs, chat, alice, run = (chat_portal["services"].runs, chat_portal["services"].chat, chat_portal["user"],
+                              chat_portal["run"])
+    assert run.id in [r.id for r in chat.runs_to_chat(alice)]
+    deltas = list(chat.stream_run(alice, run.id, [{"role": "user", "content": "hello"}], max_tokens=8))
     assert deltas and "".join(deltas)
     bob = runs.ensure_user("bob_chat")
-    assert run.id not in [r.id for r in runs.chat_targets(bob)]
+    assert run.id not in [r.id for r in chat.runs_to_chat(bob)]
     with pytest.raises(NotFound):
-        next(iter(runs.chat_stream(bob, run.id, [{"role": "user", "content": "hi"}])))
+        next(iter(chat.stream_run(bob, run.id, [{"role": "user", "content": "hi"}])))
+    with pytest.raises(NotFound):
+        next(iter(chat.stream(bob, f"run-{run.id}", [{"role": "user", "content": "hi"}])))
     with chat_portal["services"].db.session() as s:
         events = s.exec(select(AuditEvent).where(AuditEvent.target == f"run:{run.id}")).all()
     assert any(e.action == "chat_load" and e.username == "alice" for e in events)
@@ -82,3 +85,15 @@ def test_chat_tab_streams_an_answer(chat_portal):
             page.screenshot(path=str(ARTIFACTS / "chat-tab.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_unload_stops_the_runs_server_and_only_for_its_owner(chat_portal):
+    chat, alice, run = chat_portal["services"].chat, chat_portal["user"], chat_portal["run"]
+    assert chat.local_servers.info(run.id) is not None  # started by the tests above
+    bob = chat_portal["services"].runs.ensure_user("bob_chat")
+    with pytest.raises(NotFound):
+        chat.release(bob, f"run-{run.id}")
+    assert chat.local_servers.info(run.id) is not None
+    assert chat.release(alice, f"run-{run.id}") == f"run-{run.id}: its model server is stopped"
+    assert chat.local_servers.info(run.id) is None
+    assert chat.release(alice, f"run-{run.id}") == f"run-{run.id} has no model loaded"

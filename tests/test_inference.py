@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from conftest import free_port
 
 from portal.inference import InferenceError, chat, list_models, stream_chat
@@ -166,8 +167,7 @@ def test_server_killed_mid_answer_then_the_next_message_works(served, servers):
     run, endpoint = served["run"], served["endpoints"][0]
     leader = psutil.Process(servers.info(run.id).pid)
     (server_process,) = leader.children()  # llamafactory-cli under the launcher's job wrapper
-    answer = stream_chat(endpoint.base_url, endpoint.model_name, QUESTION, temperature=0, top_p=1.0,
-                         max_tokens=4000, api_key=endpoint.api_key, timeout=60)
+    answer = servers.stream_chat(run, QUESTION, temperature=0, top_p=1.0, max_tokens=4000, timeout=60)
     with pytest.raises(InferenceError, match="stopped in the middle|not running"):
         next(answer)
         server_process.kill()  # as the OOM killer would
@@ -177,13 +177,39 @@ def test_server_killed_mid_answer_then_the_next_message_works(served, servers):
         list_models(endpoint.base_url, api_key=endpoint.api_key)
 
     began = time.monotonic()
-    fresh = servers.ensure(run)  # sees the dead server, cleans up after it, starts a new one
+    fresh = servers.ensure(run)  # the broken answer made it suspect: asked, found dead, cleaned up, started anew
     restart_seconds = time.monotonic() - began
     assert group_gone(leader.pid)
     assert servers.info(run.id).pid != leader.pid
     assert "".join(servers.stream_chat(run, QUESTION, max_tokens=8))
     assert list_models(fresh.base_url, api_key=fresh.api_key) == [f"run-{run.id}"]
     print(f"\nchat server restart: {restart_seconds:.1f} s")
+
+    # killed between two messages, while the portal still trusts it without asking (it answered
+    # a moment ago): the next message fails to connect before any text, and is retried once on a new server
+    leader = psutil.Process(servers.info(run.id).pid)
+    leader.children()[0].kill()
+    assert eventually(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                      for p in leader.children()), within=10)
+    assert "".join(servers.stream_chat(run, QUESTION, max_tokens=8))
+    assert servers.info(run.id).pid != leader.pid
+
+
+def test_base_model_server_answers_without_the_adapter(served, servers, tmp_path):
+    """Side by side on one machine: the run's base model alone, in its own server, shared by
+    every run on that model and template."""
+    run = served["run"]
+    run_pid = servers.info(run.id).pid
+    base = servers.ensure(run, base=True)
+    keys = sorted(info.key for info in servers.running())
+    assert len(keys) == 2 and keys[1] == f"run-{run.id}" and keys[0].startswith("base-")
+    args = yaml.safe_load((servers.state_dir / keys[0] / "args.yaml").read_text(encoding="utf-8"))
+    assert "adapter_name_or_path" not in args and args["model_name_or_path"] == run.model_name_or_path
+    assert "".join(servers.stream_chat(run, QUESTION, base=True, max_tokens=8))
+    assert servers.info(run.id).pid == run_pid  # the run's own server is untouched
+    twin = twin_of(run, tmp_path, run.id + 2000)
+    assert servers.ensure(twin, base=True) == base  # same base model and template: the same server
+    assert len(servers.running()) == 2
 
 
 def test_least_recently_used_server_makes_room(served, servers, tmp_path):

@@ -267,6 +267,19 @@ def test_one_gpu_job():
     assert "suspend" not in job["spec"] and km.LABEL_KUEUE_QUEUE not in job["metadata"]["labels"]
 
 
+def test_an_export_job_runs_llamafactory_export():
+    from dataclasses import replace
+
+    spec = replace(make_spec(), argv=["/venv/bin/llamafactory-cli", "export", "x.yaml"], command="export")
+    manifests = build(gpus_per_node=0, spec=spec)
+    (container,) = by_kind(manifests)["Job"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["llamafactory-cli", "export", "/config/config.yaml"]
+    for doc in manifests:
+        validate(doc)
+    with pytest.raises(ValueError, match="not one of"):
+        build(gpus_per_node=0, spec=replace(make_spec(), command="webui"))
+
+
 def test_a_cpu_job_asks_for_no_gpu_and_sees_none():
     manifests = build(gpus_per_node=0)
     resources = pod_templates(manifests)[0]["spec"]["containers"][0]["resources"]

@@ -257,7 +257,7 @@ def test_the_model_list_offers_only_the_catalog_when_hub_models_are_off(make_ser
 
     services = make_services(allow_hub_models=False, models=[_hub(), _tiny()])
     services.runs.ensure_user("dave")
-    blocks = build_ui(services.runs)
+    blocks = build_ui(services.runs, services.chat)
     on_load = next(fn.fn for fn in blocks.fns.values() if getattr(fn.fn, "__qualname__", "") == "build_ui.<locals>.on_load")
     updates = on_load(SimpleNamespace(username="dave", client=None))
     dropdown = updates[blocks.portal_form.component("top.model_name")]

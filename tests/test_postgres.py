@@ -24,6 +24,15 @@ def test_migrations_create_the_schema_and_are_idempotent(postgres_url):
 
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), SQLModel.metadata) == []
+        # the search index (0009): pg_trgm and a trigram GIN index per searched column
+        from sqlalchemy import text
+
+        assert conn.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'")).scalar() == 1
+        indexes = {r[0]: r[1] for r in conn.execute(text("SELECT indexname, indexdef FROM pg_indexes "
+                                                         "WHERE tablename = 'runs'"))}
+        for column in ("name", "note", "tags"):
+            assert f"USING gin ({column} gin_trgm_ops)" in indexes[f"ix_runs_{column}_trgm"]
+    assert "run_events" in tables
 
 
 def test_a_run_end_to_end_on_postgres(make_services, postgres_url):

@@ -77,3 +77,71 @@ def test_filter_compare_and_clone(portal):
     child = runs.search_runs(user, RunQuery(search="cmp_lr_high_clone"))[0][0]
     assert child.parent_id == first.id and "learning_rate: 0.001" in child.config_yaml
     runs.cancel(user, child.id)
+
+
+@pytest.mark.browser
+def test_run_page_history_whole_log_files_and_resume(portal):
+    import glob
+    import tempfile
+    from pathlib import Path
+
+    from playwright.sync_api import expect, sync_playwright
+    from test_resume import cancelled_with_checkpoint
+
+    services = portal["services"]
+    runs = services.runs
+    user = runs.user("local")
+    parent = cancelled_with_checkpoint(runs, user, services.settings.shared_models_root / "tiny-llama", "tab_long")
+    job_log = (Path(parent.run_dir) / "job.log").read_bytes()
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 2400})
+        try:
+            page.goto(portal["url"] + "/ui/")
+            page.get_by_role("tab", name="Runs").click()
+            select = page.locator("#run-select input")
+            select.fill(str(parent.id))
+            select.press("Enter")
+            expect(page.locator("#run-details")).to_contain_text("tab_long", timeout=30_000)
+            history = page.locator("#run-history")
+            expect(history).to_contain_text("cancelled", timeout=30_000)
+            expect(history).to_contain_text("running on the CPU")
+
+            # the whole log: a file link, the same bytes as job.log; the portal's own copy is gone at once
+            page.locator("#run-log-download").click()
+            link = page.locator("#run-log-file a[href*='file=']").first
+            expect(link).to_be_visible(timeout=30_000)
+            href = link.get_attribute("href")
+            assert href.endswith(f"/run-{parent.id}-tab_long.log"), href
+            served = page.request.get(portal["url"] + href if href.startswith("/") else href)
+            assert served.ok and served.body() == job_log
+            assert not glob.glob(str(Path(tempfile.gettempdir()) / "lbp-download-*" / f"run-{parent.id}-*"))
+
+            # the output files: checkpoints as folders; one small file downloaded
+            page.get_by_text("Output files").click()
+            files = page.locator("#run-files")
+            expect(files).to_contain_text("checkpoint-2/", timeout=30_000)
+            expect(files).to_contain_text("trainer_log.jsonl")
+            _pick(page, "run-file-select", "trainer_log.jsonl")
+            page.locator("#run-file-download").click()
+            file_link = page.locator("#run-artifact-file a[href*='file=']").first
+            expect(file_link).to_be_visible(timeout=30_000)
+            href = file_link.get_attribute("href")
+            got = page.request.get(portal["url"] + href if href.startswith("/") else href)
+            assert got.ok and b'"current_steps"' in got.body()
+            page.screenshot(path=str(ARTIFACTS / "runs-run-page-files.png"), full_page=True)
+
+            # resume: a new run, the old one its parent, started from the checkpoint
+            resume = page.locator("#run-resume")
+            expect(resume).to_be_visible(timeout=30_000)
+            resume.click()
+            expect(page.locator("#run-details")).to_contain_text(f"Resumed from: run #{parent.id}", timeout=90_000)
+        finally:
+            browser.close()
+            children = [r for r in runs.search_runs(user, RunQuery(search="tab_long_resume"))[0]
+                        if r.parent_id == parent.id]
+            for child in children:
+                if not child.status.is_final:
+                    runs.cancel(user, child.id)
+    assert len(children) == 1 and "resume_from_checkpoint:" in children[0].config_yaml

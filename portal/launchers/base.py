@@ -29,6 +29,8 @@ class JobSpec:
     config_yaml: str = ""  # the exact config (empty: read from workdir/config.yaml)
     config_sha256: str = ""
     experiment: str = ""  # the MLflow experiment, for labels
+    # llamafactory-cli's subcommand, from the run's kind: "train" (train and eval runs) or "export"
+    command: str = "train"
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ CONTAINER_NAME = "trainer"
 CONFIG_MOUNT = "/config"
 CONFIG_KEY = "config.yaml"
 TRAIN_COMMAND = ["llamafactory-cli", "train", f"{CONFIG_MOUNT}/{CONFIG_KEY}"]
+JOB_COMMANDS = ("train", "export")  # llamafactory-cli subcommands a run may use (JobSpec.command)
 JOB_COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 CONFIGMAP_MAX_BYTES = 1_000_000  # the API server refuses objects over ~1 MiB
 
@@ -199,6 +200,8 @@ def _check_inputs(spec: JobSpec, k8s: KubernetesSettings, data_root: Path, confi
     if nodes > 1 and gpus_per_node < 1:
         # several nodes train with torchrun over NCCL: a CPU run on several nodes is not supported
         raise ValueError(f"--nodes {nodes} needs --gpus 1 or more per node: training on several nodes uses GPUs")
+    if spec.command not in JOB_COMMANDS:
+        raise ValueError(f"the job command '{spec.command}' is not one of {', '.join(JOB_COMMANDS)}")
     check_name(spec.owner, "owner")  # becomes a path under users/: no '/', no '..'
     if not data_root.is_absolute():
         raise ValueError(f"the data root must be an absolute path (got '{data_root}')")
@@ -310,7 +313,7 @@ def _pod_template(spec: JobSpec, k8s: KubernetesSettings, *, data_root: Path, la
         "name": CONTAINER_NAME,
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
-        "command": list(TRAIN_COMMAND),
+        "command": ["llamafactory-cli", spec.command, f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
         "workingDir": str(spec.workdir),
         "env": _env(spec, k8s, data_root, gpus_per_node, nodes, master_addr),
         "resources": _resources(k8s, gpus_per_node),

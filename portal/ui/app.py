@@ -8,6 +8,7 @@ import gradio as gr
 
 from llamaboard_ext.form import form_defaults, llamaboard_css
 
+from ..chat import ChatService
 from ..git_configs import GitConfigs
 from ..runs import NotFound, RunService
 from ..tokens import TokenService
@@ -22,7 +23,7 @@ from .runs import build_runs_tab, run_number
 from .train import build_train_tab
 
 
-def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
+def build_ui(runs: RunService, chat: ChatService, sign_out: bool = False) -> gr.Blocks:
     git = GitConfigs(runs)
     form_defaults()  # built here, outside any Blocks context: handlers must never build components
     # System fonts: the page must not fetch anything from outside (Gradio's default loads Google Fonts).
@@ -34,7 +35,7 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
         with gr.Row():
             header = gr.Markdown("## LLaMA Board Portal", elem_id="portal-header")
             # signing out changes state: a POST form (the security layer checks its Origin), not a link
-            gr.HTML("<form method='post' action='/logout' style='text-align:right'><button type='submit' "
+            gr.HTML("<form method='post' action='../logout' style='text-align:right'><button type='submit' "
                     "id='sign-out' style='border:1px solid #d1d5db;border-radius:6px;padding:4px 14px;background:#f9fafb;"
                     "cursor:pointer'>Sign out</button></form>", visible=sign_out,
                     elem_id="sign-out-form")
@@ -54,7 +55,7 @@ def build_ui(runs: RunService, sign_out: bool = False) -> gr.Blocks:
                 git_export_btn.click(export_run_handler(git, run_number), [runs_tab["selected"]], [git_export_result],
                                      show_api=False)
             with gr.Tab("Chat", id="chat") as chat_tab:
-                chat_parts = build_chat_tab(runs)
+                chat_parts = build_chat_tab(chat)
             chat_tab.select(chat_parts["reload"], None, chat_parts["target"])
             with gr.Tab("Account", id="account") as account_tab:
                 account_parts = build_account_tab(runs, TokenService(runs.db))
