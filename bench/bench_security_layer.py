@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python bench/bench_security_layer.py [--requests 1000] [--block 50] [--warmup 100] [--no-oidc]
 
-"The layer" is the `security_headers` HTTP middleware of portal/web.py: the hostile-request
+"The layer" is the `security_layer` ASGI middleware of portal/web.py: the hostile-request
 refusals (disabled Gradio routes, cross-site writes), the stripping of Gradio's CORS headers and
 the security headers on every response. Two apps are built from the same services with
 `create_app(services, supervise=False)` in auth mode none (loopback):
@@ -42,17 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (bench/ is not a package)
 
 NAME = "security_layer"
-LAYER = "security_headers"  # the dispatch function's name in portal/web.py
+LAYER = "security_layer"  # the middleware factory's name in portal/web.py
 ROUTES = {"healthz": "/healthz", "config": "/ui/config"}
 
 
 def remove_layer(app) -> None:
     """Take the security middleware out of a not yet started app (asserting it was there)."""
-    from starlette.middleware.base import BaseHTTPMiddleware
-
     assert app.middleware_stack is None, "the app has served a request: its middleware stack is built"
-    found = [m for m in app.user_middleware
-             if m.cls is BaseHTTPMiddleware and getattr(m.kwargs.get("dispatch"), "__name__", None) == LAYER]
+    found = [m for m in app.user_middleware if getattr(m.cls, "__name__", None) == LAYER]
     assert len(found) == 1, f"expected one '{LAYER}' middleware, found {len(found)} in {app.user_middleware}"
     app.user_middleware.remove(found[0])
 

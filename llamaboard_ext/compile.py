@@ -119,8 +119,25 @@ def form_to_args(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     args = Runner._parse_train_args(_IdRunner(), merged)
     args["cache_dir"] = None  # LLaMA Board reads it from a process-wide file; the portal decides caches
     args["trust_remote_code"] = False  # LLaMA Board hard-codes True; only extra args can ask (and policy decides)
-    args.update(json.loads(merged.get("train.extra_args") or "{}"))  # extra args win, also over derived values
+    extra = json.loads(merged.get("train.extra_args") or "{}")
+    args.update(extra)  # extra args win, also over derived values
+    _drop_conflicting_val_size(args, extra)
     return coerce_types(clean_args(args))
+
+
+def _drop_conflicting_val_size(args: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The form holds out a share of the data by default (val_size, decision 0023). Extra args
+    that name an ``eval_dataset`` evaluate on that instead, and ``streaming`` cannot split by a
+    share: LLaMA-Factory refuses val_size with either, so the default steps aside (a val_size
+    written in the extra args stays, and LLaMA-Factory's message names it)."""
+    if "val_size" in extra or not args.get("val_size"):
+        return
+    if args.get("eval_dataset"):
+        args.pop("val_size")
+    elif args.get("streaming") and float(args["val_size"]) < 1:
+        for key in ("val_size", "eval_strategy", "eval_steps", "per_device_eval_batch_size"):
+            if key not in extra:
+                args.pop(key, None)
 
 
 def clean_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +337,8 @@ def args_to_form(args: dict[str, Any], catalog: dict[str, str] | None = None) ->
     if finetuning_type == "lora" and values.get("train.use_llama_pro") and "freeze_trainable_layers" in rest:
         values["train.freeze_trainable_layers"] = take("freeze_trainable_layers")
 
+    if "val_size" not in rest and stage != "ppo":
+        values["train.val_size"] = 0  # the file holds out nothing: not the form's default (0.1)
     if "val_size" in rest and stage != "ppo":
         values["train.val_size"] = take("val_size")
         if rest.get("eval_strategy") == "steps":

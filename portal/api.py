@@ -1,5 +1,6 @@
 """The portal's HTTP API (JSON, described at /api/openapi.json and /api/docs): validate a config, submit a run,
-follow it, cancel it. It calls the same services, with the same checks, as the UI and the CLI.
+follow it, cancel or resume it, evaluate or merge it, set a registry alias. It calls the same services, with the
+same checks, as the UI and the CLI.
 
 Callers sign in with a personal access token (``Authorization: Bearer lbp_...``) or, from a
 browser, with their session.
@@ -7,7 +8,7 @@ browser, with their session.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -66,6 +67,16 @@ class RunOut(BaseModel):
     events: list[EventOut] | None = Field(default=None, description="the run's status changes, oldest first "
                                                                     "(GET /api/runs/{id} only; empty for runs "
                                                                     "made before the status history existed)")
+    kind: str = Field(default="train", description="train; eval (an evaluation of its parent); export (its "
+                                                   "parent merged into a model folder and registered in MLflow)")
+    registered_model: str | None = Field(default=None, description="export runs: the MLflow registered model name")
+    registered_version: str | None = Field(default=None, description="export runs: the model version registered "
+                                                                     "once the run succeeded")
+    git_commit: str | None = Field(default=None, description="the commit holding the run's config, once exported "
+                                                             "to Git (Runs tab, `git-export --run`)")
+    git_branch: str | None = None
+    git_path: str | None = None
+    git_commit_url: str | None = Field(default=None, description="link to that commit (git_commit_url_template)")
 
 
 class EventOut(BaseModel):
@@ -100,6 +111,47 @@ class RunPage(BaseModel):
     runs: list[RunOut]
 
 
+class ResumeIn(BaseModel):
+    name: str | None = Field(default=None, description="the new run's name (default: <run name>_resume)")
+
+
+class EvaluateIn(BaseModel):
+    datasets: list[str] | None = Field(default=None, description="datasets to evaluate on (default: the run's "
+                                                                 "eval_dataset, else its dataset)")
+    max_samples: int | None = Field(default=None, description="rows per dataset (default: all)")
+    max_new_tokens: int = Field(default=128, description="longest generated answer")
+    predict_with_generate: bool = Field(default=True, description="generate answers and score them (BLEU-4, "
+                                                                  "ROUGE); false: the eval loss only")
+    batch_size: int = Field(default=4, description="per-device eval batch size")
+    name: str | None = Field(default=None, description="the eval run's name (default: <run name>_eval)")
+
+
+class MergeIn(BaseModel):
+    name: str | None = Field(default=None, description="registered model name (default: <user>-<run name>)")
+
+
+class EvaluationOut(BaseModel):
+    run: RunOut = Field(description="the eval run")
+    metrics: dict[str, float] = Field(description="what it measured (e.g. predict_bleu-4, predict_rouge-l); "
+                                                  "empty until it succeeded")
+    predictions: str | None = Field(description="the generated answers, a file of the eval run's "
+                                                "(GET /api/runs/{eval run id}/artifacts/{predictions})")
+
+
+class EvaluationList(BaseModel):
+    evaluations: list[EvaluationOut] = Field(description="newest first")
+
+
+class AliasIn(BaseModel):
+    alias: Literal["candidate", "production"]
+
+
+class AliasOut(BaseModel):
+    name: str
+    version: str
+    alias: str
+
+
 def _rejected(err: ConfigRejected) -> JSONResponse:
     return JSONResponse({"detail": "the config was rejected", "problems": err.problems}, status_code=422)
 
@@ -117,6 +169,8 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
 
     def as_out(run, with_metrics: bool = False, user: User | None = None) -> dict[str, Any]:
         out = run_to_dict(run, runs.mlflow_url(run))
+        for key in ("kind", "registered_model", "registered_version"):
+            out.setdefault(key, getattr(run, key))
         if with_metrics and user is not None:
             try:
                 out["metrics"] = metrics_summary(runs.metrics(user, run.id))
@@ -230,12 +284,14 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
                         headers={"Content-Disposition": _attachment(name)})
 
     @router.post("/runs/{run_id}/resume", response_model=RunOut, status_code=201,
-                 responses={409: {"description": "the run cannot be resumed (not failed or cancelled, not yours, "
-                                                 "no checkpoint)"}})
-    def resume(run_id: int, user: User = you, name: str | None = Query(default=None, description="the new run's "
-                                                                                               "name")):
+                 responses={404: {"description": "no such run, or another user's"},
+                            409: {"description": "the run cannot be resumed (not failed or cancelled, not yours, "
+                                                 "no checkpoint)"},
+                            422: {"description": "the new run was rejected: `problems` names each bad key"}})
+    def resume(run_id: int, body: ResumeIn | None = None, user: User = you,
+               name: str | None = Query(default=None, description="the new run's name (or `name` in the body)")):
         try:
-            run = runs.resume(user, run_id, name)
+            run = runs.resume(user, run_id, (body.name if body else None) or name)
         except NotFound as err:
             raise HTTPException(404, str(err)) from err
         except ConfigRejected as err:
@@ -243,6 +299,72 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
         except PortalError as err:
             raise HTTPException(409, str(err)) from err
         return as_out(run)
+
+    @router.post("/runs/{run_id}/evaluate", response_model=RunOut, status_code=201,
+                 responses={404: {"description": "no such run, or another user's"},
+                            409: {"description": "the run cannot be evaluated: not a succeeded training run of "
+                                                 "yours, or its model is missing (`detail` says which)"},
+                            422: {"description": "refused: `problems` names each bad value (datasets, max_samples, "
+                                                 "max_new_tokens, ...)"}})
+    def evaluate(run_id: int, body: EvaluateIn | None = None, user: User = you):
+        """Submit an eval job of a succeeded run (a run of kind `eval`, its `parent_id` the run); when it
+        succeeds its metrics are on GET /api/runs/{run_id}/evaluations and on both MLflow runs."""
+        body = body or EvaluateIn()
+        try:
+            run = runs.evaluate(user, run_id, body.datasets or None, body.max_samples,
+                                predict_with_generate=body.predict_with_generate,
+                                max_new_tokens=body.max_new_tokens, batch_size=body.batch_size, name=body.name)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except ConfigRejected as err:
+            return _rejected(err)
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
+
+    @router.get("/runs/{run_id}/evaluations", response_model=EvaluationList,
+                responses={404: {"description": "no such run, or another user's"}})
+    def evaluations(run_id: int, user: User = you):
+        """The eval runs made of a run, newest first, with their metrics."""
+        try:
+            found = runs.evaluations(user, run_id)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        return {"evaluations": [{"run": as_out(e.run), "metrics": e.metrics, "predictions": e.predictions}
+                                for e in found]}
+
+    @router.post("/runs/{run_id}/merge", response_model=RunOut, status_code=201,
+                 responses={404: {"description": "no such run, or another user's"},
+                            409: {"description": "the run cannot be merged (not a succeeded training run of yours), "
+                                               "or the model name is another user's"},
+                            422: {"description": "refused: `problems` names each bad value (name, ...)"}})
+    def merge(run_id: int, body: MergeIn | None = None, user: User = you):
+        """Submit an export job of a succeeded run (a run of kind `export`): the merged model, registered in
+        MLflow's Model Registry as `registered_model` once it succeeds (then `registered_version` is set)."""
+        try:
+            run = runs.merge(user, run_id, body.name if body else None)
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except ConfigRejected as err:
+            return _rejected(err)
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
+
+    @router.post("/models/{name}/versions/{version}/alias", response_model=AliasOut, tags=["models"],
+                 responses={403: {"description": "only admins set registry aliases"},
+                            404: {"description": "no such registered model version"}})
+    def set_alias(name: str, version: str, body: AliasIn, user: User = you):
+        """Point a Model Registry alias (candidate, production) at a version of a merged model (admins)."""
+        try:
+            runs.set_alias(user, name, version, body.alias)
+        except PermissionError as err:
+            raise HTTPException(403, str(err)) from err
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except PortalError as err:
+            raise HTTPException(422, str(err)) from err
+        return {"name": name, "version": version, "alias": body.alias}
 
     @router.post("/runs/{run_id}/cancel", response_model=RunOut)
     async def cancel(run_id: int, user: User = you):

@@ -1,7 +1,7 @@
 """llamaboard-portal: serve the portal, make the demo, validate and submit configs, follow runs.
 
-Exit codes: 0 ok (for `submit --wait`: the run succeeded), 1 invalid config / failed run,
-2 usage errors, 3 config rejected by the portal's rules (submit, clone), 4 `--wait` timed out.
+Exit codes: 0 ok (with `--wait`: the run succeeded), 1 invalid config / failed run / refused,
+2 usage errors, 3 config rejected by the portal's rules (submit, clone, resume, eval, merge), 4 `--wait` timed out.
 With `--server URL` the commands talk to a running portal over its HTTP API, signed in with the
 token in the environment variable named by `--token-env` (default PORTAL_TOKEN).
 """
@@ -74,8 +74,9 @@ def _remote(func):
             with _client(args) as client:
                 return func(args, client)
         except ClientError as err:
+            prefix = f"{args.file}: " if getattr(args, "file", None) else ""  # as here: `key: problem` for eval
             for key, problem in err.problems.items():
-                print(f"{getattr(args, 'file', 'config')}: {key}: {problem}", file=sys.stderr)
+                print(f"{prefix}{key}: {problem}", file=sys.stderr)
             print(f"error: {err}", file=sys.stderr)
             return EXIT_REJECTED if err.status == 422 else EXIT_FAILED
     return wrapper
@@ -180,6 +181,100 @@ def remote_logs(args: argparse.Namespace, client) -> int:
 @_remote
 def remote_cancel(args: argparse.Namespace, client) -> int:
     _print_run_line(client.cancel(_run_id(args.run)))
+    return EXIT_OK
+
+
+def _size_text(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+@_remote
+def remote_show(args: argparse.Namespace, client) -> int:
+    """`show` against --server: GET /api/runs/{id} (with its status history) and its output files."""
+    run_id = _run_id(args.run)
+    run = client.run(run_id)
+    listing = client.artifacts(run_id)
+    if args.json:
+        print(json.dumps({**run, "artifacts": listing["artifacts"]}, indent=2))
+        return EXIT_OK
+    print(f"run {run['id']} ({run['name']}) {run['status']}" + (f": {run['status_reason']}" if run["status_reason"] else ""))
+    print(f"  owner {run['owner']}, model {run['model']}, datasets {run['datasets']}, "
+          f"{run['stage']}/{run['finetuning_type']}" + (f", cloned from run {run['parent_id']}" if run["parent_id"] else ""))
+    print("status history:")
+    for e in run.get("events") or []:
+        print(f"  {(e['at'] or '')[:19].replace('T', ' ')}  {e['status']:<10} {e['reason'] or ''}".rstrip())
+    if not run.get("events"):
+        print("  no history recorded (the run is older than the status history)")
+    print(f"output files ({run['output_dir']}):")
+    for a in listing["artifacts"]:
+        extra = f" ({a['files']} files)" if a["folder"] else ""
+        print(f"  {_size_text(a['size']):>10}  {(a['modified'] or '')[:19].replace('T', ' ')}  {a['path']}{extra}")
+    if listing["truncated"]:
+        print("  … (more files: the list is cut here)")
+    return EXIT_OK
+
+
+def _remote_job(client, run: dict[str, Any], args: argparse.Namespace, what: str) -> int:
+    """--wait / --json for resume, eval and merge against --server (as _wait_and_print does here)."""
+    if not args.json:
+        print(f"run {run['id']} ({run['name']}) {run['status']}, {what}", flush=True)
+    if args.wait:
+        ended = client.wait(run["id"], args.timeout)
+        if ended is None:
+            print(f"run {run['id']} still {client.run(run['id'])['status']} after {args.timeout:g} s "
+                  "(it goes on; `cancel` stops it)", file=sys.stderr)
+            return EXIT_TIMEOUT
+        run = ended
+    evaluation = None
+    if args.wait and run.get("kind") == "eval" and run.get("parent_id"):
+        evaluation = next((e for e in client.evaluations(run["parent_id"]) if e["run"]["id"] == run["id"]), None)
+    if args.json:
+        out = dict(run)
+        if args.wait and run.get("kind") == "eval":
+            out["eval_metrics"] = evaluation["metrics"] if evaluation else {}
+        print(json.dumps(out, indent=2))
+    elif args.wait:
+        _print_run_line(run)
+        if evaluation and run["status"] == "succeeded":
+            for key, value in sorted(evaluation["metrics"].items()):
+                print(f"  {key:<36} {value:.4f}")
+            if evaluation["predictions"]:
+                print(f"  predictions: {run['output_dir']}/{evaluation['predictions']}")
+        if run.get("kind") == "export" and run.get("registered_version"):
+            print(f"registered model {run['registered_model']} version {run['registered_version']} "
+                  f"({run['output_dir']})")
+    return EXIT_OK if not args.wait or run["status"] == "succeeded" else EXIT_FAILED
+
+
+@_remote
+def remote_resume(args: argparse.Namespace, client) -> int:
+    run = client.resume(_run_id(args.run), args.name)
+    return _remote_job(client, run, args, f"resuming run {run['parent_id']} from its last checkpoint")
+
+
+@_remote
+def remote_eval(args: argparse.Namespace, client) -> int:
+    datasets = [d.strip() for item in (args.dataset or []) for d in item.split(",") if d.strip()]
+    run = client.evaluate(_run_id(args.run), datasets or None, args.max_samples, max_new_tokens=args.max_new_tokens,
+                          predict_with_generate=not args.no_generate, batch_size=args.batch_size, name=args.name)
+    return _remote_job(client, run, args, f"evaluating run {run['parent_id']} on {run['datasets']}")
+
+
+@_remote
+def remote_merge(args: argparse.Namespace, client) -> int:
+    run = client.merge(_run_id(args.run), args.name)
+    return _remote_job(client, run, args, f"merging run {run['parent_id']} into {run['output_dir']} "
+                                          f"(model {run['registered_model']})")
+
+
+@_remote
+def remote_model_alias(args: argparse.Namespace, client) -> int:
+    done = client.set_alias(args.name, args.version, args.alias)
+    print(f"{done['name']}@{done['alias']} -> version {done['version']}")
     return EXIT_OK
 
 
@@ -532,9 +627,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         out = _run_dict(services, run)
         out["events"] = [event_to_dict(e) for e in events]
         out["artifacts"] = [artifact_to_dict(a) for a in artifacts]
+        out["reproducibility"] = services.runs.reproducibility(user, run_id)
         print(json.dumps(out, indent=2))
         return EXIT_OK
     print(f"run {run.id} ({run.name}) {run.status.value}" + (f": {run.status_reason}" if run.status_reason else ""))
+    if run.git_commit:
+        print(f"  config in Git: {run.git_commit} {run.git_path} on {run.git_branch}"
+              + (f" ({run.git_commit_url})" if run.git_commit_url else ""))
     print(f"  owner {run.owner}, model {run.model_name_or_path}, datasets {run.datasets}, "
           f"{run.stage}/{run.finetuning_type}" + (f", cloned from run {run.parent_id}" if run.parent_id else ""))
     print("status history:")
@@ -827,6 +926,21 @@ def cmd_git_export(args: argparse.Namespace) -> int:
     from .git_export import GitExportError
     from .runs import ConfigRejected
 
+    if (args.file is None) == (args.run is None):
+        print("error: give a config FILE or --run RUN (one of them)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.run is not None:  # a run's config; the commit is recorded on the run
+        from .runs import NotFound
+
+        services = _services(args, tracking=False)
+        try:
+            result = GitConfigs(services.runs).export_run(_local_user(services), _run_id(args.run))
+        except ConfigRejected as err:
+            return _rejected(f"run {args.run}", err)
+        except (GitExportError, NotFound) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        return _print_export(result)
     text = _read_config_file(args.file)
     if text is None:
         return EXIT_USAGE
@@ -841,6 +955,10 @@ def cmd_git_export(args: argparse.Namespace) -> int:
     except GitExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    return _print_export(result)
+
+
+def _print_export(result) -> int:
     state = "unchanged" if result.unchanged else "committed"
     print(f"{state} {result.path} on {result.branch}" + (f" ({result.url})" if result.url else ""), file=sys.stderr)
     if result.merge_request_url:
@@ -959,21 +1077,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=_with_server(cmd_cancel, remote_cancel))
 
-    p = sub.add_parser("show", parents=[common], help="one run: its fields, status history and output files")
+    p = sub.add_parser("show", parents=[common, remote], help="one run: its fields, status history and output files")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--json", action="store_true", help="the run as JSON, with `events` and `artifacts`")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=_with_server(cmd_show, remote_show))
 
-    p = sub.add_parser("resume", parents=[common],
+    p = sub.add_parser("resume", parents=[common, remote],
                        help="a failed or cancelled run again, from its last checkpoint (same config and data)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--name", help="the new run's name (default: <run name>_resume)")
     p.add_argument("--wait", action="store_true", help="wait until the new run ends; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
     p.add_argument("--json", action="store_true", help="print the new run as JSON")
-    p.set_defaults(func=cmd_resume)
+    p.set_defaults(func=_with_server(cmd_resume, remote_resume))
 
-    p = sub.add_parser("eval", parents=[common],
+    p = sub.add_parser("eval", parents=[common, remote],
                        help="evaluate a succeeded run in a job: its answers on a dataset scored (BLEU-4, ROUGE)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--dataset", action="append", metavar="D",
@@ -986,9 +1104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until it ends and print the metrics; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
     p.add_argument("--json", action="store_true", help="print the eval run as JSON (with --wait: its metrics)")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=_with_server(cmd_eval, remote_eval))
 
-    p = sub.add_parser("merge", parents=[common],
+    p = sub.add_parser("merge", parents=[common, remote],
                        help="merge a succeeded run into a model folder and register it in MLflow's Model Registry")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--name", help="registered model name (default: <user>-<run name>)")
@@ -996,11 +1114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait until it ends and print the registered model and version; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, help="with --wait: stop waiting after this many seconds (then exit 4)")
     p.add_argument("--json", action="store_true", help="print the export run as JSON")
-    p.set_defaults(func=cmd_merge)
+    p.set_defaults(func=_with_server(cmd_merge, remote_merge))
 
     p = sub.add_parser("git-export", parents=[common],
-                       help="commit a config file to the configured Git repository (PORTAL_GIT_URL); prints the SHA")
-    p.add_argument("file", metavar="FILE")
+                       help="commit a config file, or a run's config (--run), to the configured Git repository "
+                            "(PORTAL_GIT_URL); prints the SHA")
+    p.add_argument("file", metavar="FILE", nargs="?")
+    p.add_argument("--run", metavar="RUN", help="export this run's config instead of a file; the commit is noted "
+                                                "on the run (`show RUN`)")
     p.add_argument("--name", help="run name in the path template (default: the config's output_dir, else the file name)")
     p.set_defaults(func=cmd_git_export)
 
@@ -1060,12 +1181,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("verify", parents=[common], help="re-hash a downloaded model (exit 1 listing bad files)")
     m.add_argument("name", metavar="NAME")
     m.set_defaults(func=cmd_models)
-    m = msub.add_parser("alias", parents=[common],
+    m = msub.add_parser("alias", parents=[common, remote],
                         help="point a Model Registry alias (candidate, production) at a version of a merged model (admins)")
     m.add_argument("name", metavar="NAME", help="registered model name (as `merge` printed it)")
     m.add_argument("version", metavar="VERSION")
     m.add_argument("alias", metavar="ALIAS", choices=["candidate", "production"])
-    m.set_defaults(func=cmd_model_alias)
+    m.set_defaults(func=_with_server(cmd_model_alias, remote_model_alias))
     return parser
 
 

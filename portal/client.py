@@ -13,6 +13,7 @@ import httpx
 
 API_PREFIX = "/api"  # here, not in portal.api: a pipeline's CLI needs only httpx, not the server's imports
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+REGISTER_GRACE_SECONDS = 60.0  # MLflow's answer to a model registration, after the run ended
 
 
 class ClientError(RuntimeError):
@@ -82,18 +83,57 @@ class PortalClient:
     def cancel(self, run_id: int) -> dict[str, Any]:
         return self._call("POST", f"/runs/{run_id}/cancel").json()
 
+    def artifacts(self, run_id: int) -> dict[str, Any]:
+        """The run's output files: ``{"artifacts": [...], "truncated": bool}``."""
+        return self._call("GET", f"/runs/{run_id}/artifacts").json()
+
+    def resume(self, run_id: int, name: str | None = None) -> dict[str, Any]:
+        """A failed or cancelled run again, from its last checkpoint: the new run."""
+        return self._call("POST", f"/runs/{run_id}/resume", json={"name": name}).json()
+
+    def evaluate(self, run_id: int, datasets: list[str] | None = None, max_samples: int | None = None, *,
+                 max_new_tokens: int = 128, predict_with_generate: bool = True, batch_size: int = 4,
+                 name: str | None = None) -> dict[str, Any]:
+        """An eval job of a succeeded run: the eval run (kind "eval")."""
+        return self._call("POST", f"/runs/{run_id}/evaluate", json={
+            "datasets": datasets, "max_samples": max_samples, "max_new_tokens": max_new_tokens,
+            "predict_with_generate": predict_with_generate, "batch_size": batch_size, "name": name}).json()
+
+    def evaluations(self, run_id: int) -> list[dict[str, Any]]:
+        """The eval runs of a run, newest first: ``{"run": ..., "metrics": ..., "predictions": ...}`` each."""
+        return self._call("GET", f"/runs/{run_id}/evaluations").json()["evaluations"]
+
+    def merge(self, run_id: int, name: str | None = None) -> dict[str, Any]:
+        """An export job of a succeeded run, registered as ``name`` once it succeeds: the export run."""
+        return self._call("POST", f"/runs/{run_id}/merge", json={"name": name}).json()
+
+    def set_alias(self, name: str, version: str | int, alias: str) -> dict[str, Any]:
+        """Point a registry alias (candidate, production) at a model version (admins)."""
+        from urllib.parse import quote
+
+        return self._call("POST", f"/models/{quote(name, safe='')}/versions/{quote(str(version), safe='')}/alias",
+                          json={"alias": alias}).json()
+
     def logs(self, run_id: int, *, tail: int | None = None, offset: int | None = None) -> tuple[str, int]:
         params = {"offset": offset} if offset is not None else {"tail": tail or 64_000}
         response = self._call("GET", f"/runs/{run_id}/logs", params=params)
         return response.text, int(response.headers.get("X-Log-Offset", "0"))
 
     def wait(self, run_id: int, timeout: float | None, interval: float = 2.0) -> dict[str, Any] | None:
-        """The run once it has ended; None when ``timeout`` seconds passed first."""
+        """The run once it has ended (a succeeded export run: once its model is registered too, or the
+        portal said why not); None when ``timeout`` seconds passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        registering_until = None
         while True:
             run = self.run(run_id)
             if run["status"] in FINAL_STATUSES:
-                return run
+                # the portal registers an export run's model just after it marked the run succeeded
+                if (run["status"] != "succeeded" or run.get("kind") != "export" or run.get("registered_version")
+                        or run.get("status_reason")):
+                    return run
+                registering_until = registering_until or time.monotonic() + REGISTER_GRACE_SECONDS
+                if time.monotonic() >= registering_until or (deadline is not None and time.monotonic() >= deadline):
+                    return run  # it has ended: said as it is
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))

@@ -147,7 +147,10 @@ def evaluate(runs: "RunService", user: User, run_id: int, datasets: list[str] | 
         raise ConfigRejected(problems)
     args = eval_args(parent, datasets, max_samples=max_samples, predict_with_generate=predict_with_generate,
                      max_new_tokens=int(max_new_tokens), batch_size=int(batch_size))
-    name = check_name(name, "run name") if name else _free_name(runs, user, parent.name, "eval")
+    try:
+        name = check_name(name, "run name") if name else _free_name(runs, user, parent.name, "eval")
+    except ValueError as err:
+        raise ConfigRejected({"name": str(err)}) from err
     run = runs.submit_args(user, args, name=name, source="evaluate", parent=parent, kind="eval")
     runs.audit(user.username, "evaluate", f"run:{parent.id}", f"eval run {run.id} on {', '.join(datasets)}")
     return run

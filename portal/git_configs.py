@@ -61,9 +61,14 @@ class GitConfigs:
     def export_run(self, user: User, run_id: int) -> ExportResult:
         """The config a run trained with, as a config to run again (the same name; Git keeps history)."""
         run = self.runs.get_run(user, run_id, purpose="export")
-        args = lbc.yaml_to_args(run.config_yaml)
+        # the folders the portal set for the run's owner are set again for whoever exports (an admin
+        # exporting another user's run is checked against the admin's space, not the owner's)
+        args = {k: v for k, v in lbc.yaml_to_args(run.config_yaml).items() if k not in PORTAL_SET_KEYS}
         args["output_dir"] = run.name
-        return self.export_args(user, args, run.name, run_id=run.id)
+        result = self.export_args(user, args, run.name, run_id=run.id)
+        # the commit holding this run's config (also when unchanged: the earlier commit), on the run
+        self.runs.record_git_commit(user, run.id, result.sha, result.branch, result.path, result.url)
+        return result
 
     def list_configs(self, user: User) -> list[tuple[str, str]]:
         """(label, choice) of the configs on the base branch, then those on the user's own branch

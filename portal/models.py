@@ -95,6 +95,14 @@ class Run(SQLModel, table=True):
     kind: str = Field(default="train", max_length=16, index=True)
     registered_model: str | None = Field(default=None, max_length=255)  # export runs: MLflow registry name
     registered_version: str | None = Field(default=None, max_length=32)  # ... and the version made
+    # the config's last export to Git (GitConfigs.export_run): commit, branch, file and link (migration 0011)
+    git_commit: str | None = Field(default=None, max_length=64)
+    git_branch: str | None = Field(default=None, max_length=255)
+    git_path: str | None = None
+    git_commit_url: str | None = None  # from git_commit_url_template when it was exported
+    # JSON: the software the job ran with (env.python, env.llamafactory, ... as logged to MLflow at
+    # submit) and "job.environment" (the Python environment, or the trainer image on Kubernetes)
+    environment: str = "{}"
     note: str = ""  # free text by the owner, searched with the name
     tags: str = ""  # comma separated, by the owner
 

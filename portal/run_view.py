@@ -23,6 +23,8 @@ def run_to_dict(run: Run, mlflow_url: str | None) -> dict[str, Any]:
         "config_sha256": run.config_sha256, "mlflow_url": mlflow_url, "parent_id": run.parent_id, "note": run.note,
         "tags": [t for t in run.tags.split(",") if t],
         "dataset_fingerprints": json.loads(run.dataset_fingerprints or "[]"),
+        "kind": run.kind, "git_commit": run.git_commit, "git_branch": run.git_branch, "git_path": run.git_path,
+        "git_commit_url": run.git_commit_url,
     }
 
 

@@ -68,11 +68,39 @@ MAX_COMPARE = 5
 PER_RUN_KEYS = frozenset({"output_dir", "dataset_dir", "run_name"})
 
 
+TOKENS_KEY = "num_input_tokens_seen"  # what LLaMA-Factory's trainer logs with include_num_input_tokens_seen
+X_AXES = ("step", "tokens")
+
+
 @dataclass
 class Comparison:
     runs: list[Run]
     curves: dict[int, list[MetricPoint]]
     differences: dict[str, list[Any]]  # config key -> one value per run, only keys whose values differ
+    x_axis: str = "step"  # what points() puts on x: "step", or "tokens" (input tokens seen)
+    tokens: dict[int, dict[int, float]] = field(default_factory=dict)  # run id -> {step: tokens seen}
+    notes: list[str] = field(default_factory=list)  # e.g. why "tokens" fell back to steps
+
+    def points(self, run_id: int) -> list[tuple[str, float, float]]:
+        """(metric, x, value) of a run's loss and eval_loss, x by ``x_axis``."""
+        counts = self.tokens.get(run_id) or {}
+        return [(p.key, tokens_at(counts, p.step) if self.x_axis == "tokens" else float(p.step), p.value)
+                for p in self.curves.get(run_id, []) if p.key in ("loss", "eval_loss")]
+
+
+def tokens_at(counts: dict[int, float], step: int) -> float:
+    """Input tokens seen by ``step``: logged at that step (every log carries the count), else
+    interpolated between the nearest logged steps, or scaled from the nearest one outside them."""
+    if step in counts:
+        return float(counts[step])
+    steps = sorted(counts)
+    below = [s for s in steps if s < step]
+    above = [s for s in steps if s > step]
+    if below and above:
+        a, b = below[-1], above[0]
+        return counts[a] + (counts[b] - counts[a]) * (step - a) / (b - a)
+    near = below[-1] if below else above[0]
+    return counts[near] * step / near if near else float(counts[near])
 
 
 @dataclass
@@ -348,6 +376,7 @@ class RunService:
         (run_dir / CONFIG_FILE).write_text(prepared.yaml, encoding="utf-8")
         body = lbc.args_to_yaml(prepared.args)
         sha = _sha256(body)
+        software = environment_params()
         run = Run(
             name=prepared.name, owner_id=user.id, owner=user.username, status=RunStatus.queued,
             stage=str(prepared.args.get("stage", "")), finetuning_type=str(prepared.args.get("finetuning_type", "")),
@@ -358,6 +387,7 @@ class RunService:
             launcher=self.launcher.name,
             gpus=prepared.gpus, nodes=prepared.nodes, dataset_fingerprints=json.dumps(prepared.fingerprints),
             parent_id=parent.id if parent is not None else None, kind=kind,
+            environment=json.dumps({**software, "job.environment": self.job_environment()}),
         )
         with self.db.session() as s:
             s.add(run)
@@ -371,7 +401,7 @@ class RunService:
                 **({"portal.parent_run_id": str(parent.id)} if parent is not None else {}),
             })
             self.tracker.log_params(run.mlflow_run_id, {
-                **dataset_params(prepared.fingerprints), **environment_params(),
+                **dataset_params(prepared.fingerprints), **software,
                 "portal.seed": prepared.args.get("seed", 42),  # LLaMA-Factory's default when unset
                 "portal.gpus": prepared.gpus, "portal.nodes": prepared.nodes,
             })
@@ -443,11 +473,15 @@ class RunService:
         args.update(changes or {})
         return self.submit_args(user, args, name=name, source="clone", parent=parent, same_data=True)
 
-    def compare(self, user: User, run_ids: list[int]) -> Comparison:
-        """2 to 5 of the user's runs side by side: their loss curves and the config keys that differ."""
+    def compare(self, user: User, run_ids: list[int], x_axis: str = "step") -> Comparison:
+        """2 to 5 of the user's runs side by side: their loss curves and the config keys that differ.
+        ``x_axis`` "tokens": the curves by input tokens seen, when every run logged them (else by
+        step, with a note naming the runs without)."""
         ids = list(dict.fromkeys(int(i) for i in run_ids))
         if not 2 <= len(ids) <= MAX_COMPARE:
             raise PortalError(f"choose 2 to {MAX_COMPARE} runs to compare (got {len(ids)})")
+        if x_axis not in X_AXES:
+            raise PortalError(f"x axis '{x_axis}': choose {' or '.join(X_AXES)}")
         chosen = [self.get_run(user, run_id) for run_id in ids]
         configs = []
         for run in chosen:
@@ -465,7 +499,31 @@ class RunService:
         if any(v != versions[0] for v in versions[1:]):
             differences["(dataset versions)"] = versions
         curves = {run.id: (self.metrics(user, run.id) if run.mlflow_run_id else []) for run in chosen}
-        return Comparison(runs=chosen, curves=curves, differences=differences)
+        comparison = Comparison(runs=chosen, curves=curves, differences=differences)
+        if x_axis == "tokens":
+            comparison.tokens = {run.id: self.token_counts(user, run.id) for run in chosen}
+            missing = [f"#{run.id}" for run in chosen if not comparison.tokens[run.id]]
+            if missing:
+                comparison.notes.append(
+                    f"run{'s' if len(missing) > 1 else ''} {', '.join(missing)} logged no token counts "
+                    f"({TOKENS_KEY}: a config without include_num_input_tokens_seen, or a run that has not logged "
+                    "yet): the chart is by step")
+            else:
+                comparison.x_axis = "tokens"
+        return comparison
+
+    def token_counts(self, user: User, run_id: int) -> dict[int, float]:
+        """{step: input tokens seen} as the run logged them to MLflow ({} when it did not);
+        read through a cache of its own (the Runs tab's curves do not pay for it)."""
+        run = self.get_run(user, run_id)
+        if not run.mlflow_run_id:
+            return {}
+        cache = self.__dict__.get("_tokens_cache")
+        if cache is None:
+            cache = self.__dict__.setdefault("_tokens_cache", MetricsCache(
+                lambda mlflow_id: self.tracker.history(mlflow_id, keys=(TOKENS_KEY,)),
+                ttl_seconds=self.settings.metrics_refresh_seconds))
+        return {p.step: p.value for p in cache.get(run.mlflow_run_id, final=run.status.is_final)}
 
     def list_runs(self, user: User, limit: int = 500) -> list[Run]:
         with self.db.session() as s:
@@ -503,6 +561,27 @@ class RunService:
         if not run.mlflow_run_id:
             return []
         return self.metrics_cache.get(run.mlflow_run_id, final=run.status.is_final)
+
+    def job_environment(self) -> str:
+        """Where this portal's jobs run: the trainer image on a cluster, else the Python
+        environment beside the portal (its llamafactory-cli)."""
+        if self._on_cluster:
+            return f"image {self.settings.kubernetes.image}"
+        return f"Python environment {sys.prefix} (Python {sys.version.split()[0]})"
+
+    def record_git_commit(self, user: User, run_id: int, sha: str, branch: str, path: str,
+                          url: str | None) -> Run:
+        """Note on the run the Git commit holding its config (after GitConfigs.export_run)."""
+        run = self.get_run(user, run_id, purpose="export")
+        self._set(run.id, git_commit=sha, git_branch=branch, git_path=path, git_commit_url=url)
+        return self.get_run(user, run.id)
+
+    def reproducibility(self, user: User, run_id: int) -> dict[str, Any]:
+        """What it takes to run it again: seed, config and data digests, software, job
+        environment, parent, Git commit (portal/reproducibility.py)."""
+        from .reproducibility import record
+
+        return record(self, self.get_run(user, run_id))
 
     def mlflow_url(self, run: Run) -> str | None:
         return self.tracker.run_url(run.mlflow_run_id) if run.mlflow_run_id else None

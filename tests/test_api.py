@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -171,11 +172,11 @@ def test_submit_follow_and_isolation_over_http(api_portal):
 
 
 def _alice_succeeded_run(api_portal):
-    """A succeeded run of alice's: the one an earlier test trained, or a new one."""
+    """A succeeded training run of alice's: the one an earlier test trained, or a new one."""
     from portal.run_query import RunQuery
 
     runs, alice = api_portal["services"].runs, api_portal["alice"]
-    done = runs.search_runs(alice, RunQuery(status=["succeeded"], limit=1))[0]
+    done = [r for r in runs.search_runs(alice, RunQuery(status=["succeeded"], limit=50))[0] if r.kind == "train"]
     if done:
         return done[0]
     run = runs.submit_yaml(alice, tiny_config(api_portal["model_dir"], "files_api_run"), source="api")
@@ -312,6 +313,125 @@ def test_admin_makes_a_token_from_the_command_line(api_portal):
     listed = subprocess.run([sys.executable, "-m", "portal.cli", "tokens", "list", "carol"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert "jenkins" in listed.stdout and token not in listed.stdout
+
+
+# ---- evaluate, merge, resume, show and registry aliases from scripts ---------------------------
+
+def _admin_token(api_portal) -> str:
+    services = api_portal["services"]
+    if "admin_token" not in api_portal:
+        root = services.runs.ensure_user("registry_root", is_admin=True)
+        api_portal["admin_token"] = services.tokens.create(root, "release-pipeline")[0]
+    return api_portal["admin_token"]
+
+
+def test_evaluate_merge_resume_and_alias_refusals_over_http(api_portal):
+    run = _alice_succeeded_run(api_portal)
+    alice, carol = api(api_portal, api_portal["alice_token"]), api(api_portal, api_portal["carol_token"])
+    admin = api(api_portal, _admin_token(api_portal))
+    before = {r.id for r in api_portal["services"].runs.list_runs(api_portal["alice"])}
+
+    # another user's run is not found, whatever the verb
+    for method, path, body in (("POST", f"/runs/{run.id}/evaluate", {"datasets": ["demo_alpaca"], "max_samples": 4}),
+                               ("POST", f"/runs/{run.id}/merge", {"name": "carols-copy"}),
+                               ("GET", f"/runs/{run.id}/evaluations", None),
+                               ("POST", f"/runs/{run.id}/resume", None)):
+        answer = carol.request(method, path, json=body)
+        assert answer.status_code == 404 and answer.json()["detail"] == f"run {run.id} not found", path
+    # refusals name the reason: a bad value (422, per key), a run in the wrong state (409)
+    bad = alice.post(f"/runs/{run.id}/evaluate", json={"datasets": ["demo_alpaca"], "max_samples": 0,
+                                                       "max_new_tokens": 99999})
+    assert bad.status_code == 422 and set(bad.json()["problems"]) == {"max_samples", "max_new_tokens"}
+    bad_name = alice.post(f"/runs/{run.id}/evaluate", json={"name": "../escape"})
+    assert bad_name.status_code == 422 and "not allowed" in bad_name.json()["problems"]["name"]
+    unknown = alice.post(f"/runs/{run.id}/evaluate", json={"datasets": ["no_such_dataset"], "max_samples": 4})
+    assert unknown.status_code == 422 and "no_such_dataset" in unknown.text
+    assert alice.post(f"/runs/{run.id}/merge", json={"name": "no spaces"}).status_code == 422
+    resumed = alice.post(f"/runs/{run.id}/resume", json={"name": "again"})
+    assert resumed.status_code == 409 and "only a failed or cancelled run" in resumed.json()["detail"]
+    assert alice.get(f"/runs/{run.id}/evaluations").json() == {"evaluations": []}
+    assert {r.id for r in api_portal["services"].runs.list_runs(api_portal["alice"])} == before  # nothing made
+
+    # aliases: admins only (403 before anything else), a version that exists, a known alias
+    for client in (alice, carol):
+        denied = client.post("/models/anything/versions/1/alias", json={"alias": "production"})
+        assert denied.status_code == 403 and "only admins" in denied.json()["detail"]
+    assert admin.post("/models/no-such-model/versions/1/alias", json={"alias": "candidate"}).status_code == 404
+    assert admin.post("/models/no-such-model/versions/1/alias", json={"alias": "latest"}).status_code == 422
+
+    schema = alice.get("/openapi.json").json()
+    paths = schema["paths"]
+    assert {"/api/runs/{run_id}/evaluate", "/api/runs/{run_id}/merge", "/api/runs/{run_id}/evaluations",
+            "/api/models/{name}/versions/{version}/alias"} <= set(paths)
+    evaluate = paths["/api/runs/{run_id}/evaluate"]["post"]
+    assert {"201", "404", "409", "422"} <= set(evaluate["responses"])
+    assert evaluate["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith("/RunOut")
+    assert {"datasets", "max_samples", "max_new_tokens", "predict_with_generate"} <= set(
+        schema["components"]["schemas"]["EvaluateIn"]["properties"])
+    assert schema["components"]["schemas"]["AliasIn"]["properties"]["alias"]["enum"] == ["candidate", "production"]
+    assert {"403", "404"} <= set(paths["/api/models/{name}/versions/{version}/alias"]["post"]["responses"])
+
+    # the same through the CLI's --server mode, with the same exit codes as here
+    rid = str(run.id)
+    out = cli(api_portal, "eval", rid, "--dataset", "demo_alpaca", token=api_portal["carol_token"])
+    assert out.returncode == 1 and f"run {run.id} not found (HTTP 404)" in out.stderr
+    out = cli(api_portal, "merge", rid, token=api_portal["carol_token"])
+    assert out.returncode == 1 and "HTTP 404" in out.stderr
+    out = cli(api_portal, "eval", rid, "--max-samples", "0", token=api_portal["alice_token"])
+    assert out.returncode == 3 and "max_samples: choose 1 to" in out.stderr
+    out = cli(api_portal, "resume", rid, token=api_portal["alice_token"])
+    assert out.returncode == 1 and "only a failed or cancelled run" in out.stderr and "HTTP 409" in out.stderr
+    out = cli(api_portal, "models", "alias", "anything", "1", "production", token=api_portal["carol_token"])
+    assert out.returncode == 1 and "only admins set registry aliases (HTTP 403)" in out.stderr
+    shown = cli(api_portal, "show", rid, token=api_portal["alice_token"])
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"run {run.id} ({run.name}) succeeded\n") and "status history:" in shown.stdout
+    assert "adapter_model.safetensors" in shown.stdout and "running on the CPU" in shown.stdout
+    as_json = json.loads(cli(api_portal, "show", rid, "--json", token=api_portal["alice_token"]).stdout)
+    assert as_json["kind"] == "train" and [e["status"] for e in as_json["events"]][-1] == "succeeded"
+    assert "adapter_config.json" in [a["path"] for a in as_json["artifacts"]]
+    assert cli(api_portal, "show", rid, token=api_portal["carol_token"]).returncode == 1
+
+
+def test_cli_eval_and_merge_wait_then_an_admin_sets_the_alias(api_portal):
+    run = _alice_succeeded_run(api_portal)
+    alice, carol = api(api_portal, api_portal["alice_token"]), api(api_portal, api_portal["carol_token"])
+    rid, token = str(run.id), api_portal["alice_token"]
+
+    out = cli(api_portal, "eval", rid, "--dataset", "demo_alpaca", "--max-samples", "4", "--max-new-tokens", "4",
+              "--wait", "--timeout", "280", token=token)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, *rest = out.stdout.splitlines()
+    assert first.endswith(f"evaluating run {run.id} on demo_alpaca") and "succeeded" in rest[0]
+    assert any(line.split()[0] == "predict_bleu-4" for line in rest[1:]), out.stdout
+    assert any(line.strip().startswith("predictions: ") and line.endswith("/generated_predictions.jsonl")
+               for line in rest), out.stdout
+    eval_id = int(first.split()[1])
+    listed = alice.get(f"/runs/{run.id}/evaluations").json()["evaluations"]
+    assert [e["run"]["id"] for e in listed] == [eval_id] and listed[0]["run"]["kind"] == "eval"
+    assert listed[0]["run"]["parent_id"] == run.id and "predict_rouge-l" in listed[0]["metrics"]
+    assert listed[0]["predictions"] == "generated_predictions.jsonl"
+    assert carol.get(f"/runs/{run.id}/evaluations").status_code == 404
+    shown = json.loads(cli(api_portal, "show", str(eval_id), "--json", token=token).stdout)
+    assert shown["kind"] == "eval" and "generated_predictions.jsonl" in [a["path"] for a in shown["artifacts"]]
+    refused = alice.post(f"/runs/{eval_id}/merge", json={})
+    assert refused.status_code == 409 and "is an eval run" in refused.json()["detail"]
+
+    out = cli(api_portal, "merge", rid, "--name", "alice-api-ci", "--wait", "--timeout", "280", "--json",
+              token=token)
+    assert out.returncode == 0, out.stdout + out.stderr
+    merged = json.loads(out.stdout)
+    assert merged["kind"] == "export" and merged["status"] == "succeeded" and merged["parent_id"] == run.id
+    assert merged["registered_model"] == "alice-api-ci" and merged["registered_version"] == "1"
+
+    admin_token = _admin_token(api_portal)
+    out = cli(api_portal, "models", "alias", "alice-api-ci", "1", "candidate", token=token)
+    assert out.returncode == 1 and "HTTP 403" in out.stderr  # the model's owner is not an admin
+    out = cli(api_portal, "models", "alias", "alice-api-ci", "1", "candidate", token=admin_token)
+    assert out.returncode == 0 and out.stdout.strip() == "alice-api-ci@candidate -> version 1", out.stderr
+    client = api_portal["services"].runs.tracker.client
+    assert client.get_model_version_by_alias("alice-api-ci", "candidate").version == "1"
+    assert admin_token not in out.stdout + out.stderr
 
 
 # ---- the Account tab -----------------------------------------------------------------------

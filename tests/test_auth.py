@@ -448,7 +448,7 @@ def test_a_gradio_session_hash_belongs_to_its_first_user(sso_portal):
 
 # ---- a man in the middle of the provider: the ID token checks must refuse what it changes ----
 
-RESIGNING_MODES = ("resign", "wrong_audience", "expired")
+RESIGNING_MODES = ("resign", "wrong_audience", "expired", "other_issuer")
 
 
 class _TamperingProxy:
@@ -494,7 +494,12 @@ class _TamperingProxy:
                         content = proxy.last_token_response
                     else:
                         proxy.last_token_response = content
-                        if proxy.mode == "tamper_signature":
+                        if proxy.mode == "garbled_token_response":  # a value no int() takes, quoting the token
+                            proxy.leaked = token["access_token"]
+                            token.pop("expires_at", None)
+                            token["expires_in"] = f"never-{token['access_token']}"
+                            content = json.dumps(token).encode()
+                        elif proxy.mode == "tamper_signature":
                             head, payload, sig = token["id_token"].split(".")
                             token["id_token"] = ".".join([head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]])
                             content = json.dumps(token).encode()
@@ -536,6 +541,8 @@ class _TamperingProxy:
         elif self.mode == "expired":
             now = int(time.time())
             claims.update(iat=now - 7200, exp=now - 3600)  # an hour past: beyond any clock-skew leeway
+        elif self.mode == "other_issuer":  # signature, audience, expiry, nonce all good: only iss differs
+            claims["iss"] = "http://other-issuer.example"
         return jwt.encode({"alg": "RS256", "kid": "mitm-key"}, claims, self.key)
 
 
@@ -570,7 +577,7 @@ def test_a_validly_signed_token_from_the_proxy_passes(mitm_portal):
     assert client.get("/ui/config").status_code == 200
 
 
-@pytest.mark.parametrize("mode", ["tamper_signature", "replay", "wrong_audience", "expired"])
+@pytest.mark.parametrize("mode", ["tamper_signature", "replay", "wrong_audience", "expired", "other_issuer"])
 def test_forged_id_tokens_are_refused(mitm_portal, mode):
     proxy = mitm_portal["proxy"]
     proxy.mode = None
@@ -586,7 +593,8 @@ def test_forged_id_tokens_are_refused(mitm_portal, mode):
         refused = s.exec(select(AuditEvent).where(AuditEvent.action == "login_refused")
                          .order_by(AuditEvent.id.desc())).first()
     expected = {"tamper_signature": "BadSignatureError", "replay": "InvalidClaimError",  # nonce of another login
-                "wrong_audience": "InvalidClaimError", "expired": "ExpiredTokenError"}[mode]
+                "wrong_audience": "InvalidClaimError", "expired": "ExpiredTokenError",
+                "other_issuer": "InvalidClaimError"}[mode]
     assert refused is not None and refused.detail.startswith(expected)
 
 
@@ -613,3 +621,29 @@ def test_a_provider_claiming_another_issuer_is_refused(mitm_portal, tmp_path_fac
             assert client.get("/ui/config").status_code == 401
     finally:
         proxy.mode = None
+
+
+def test_the_sign_in_error_page_shows_no_details(mitm_portal, caplog):
+    """An error that is not the provider's (OAuthError) nor the portal's (LoginRefused): the token
+    response's `expires_in` is no number and quotes the access token, so authlib's ValueError names
+    it. The page and the audit row name the class only; the details go to the server log."""
+    import logging
+
+    proxy = mitm_portal["proxy"]
+    proxy.mode = None
+    assert login(mitm_portal["url"], "alice-sub").last_response.status_code == 303  # the control
+    proxy.mode = "garbled_token_response"
+    try:
+        with caplog.at_level(logging.WARNING, logger="portal.auth"):
+            client = login(mitm_portal["url"], "alice-sub")
+    finally:
+        proxy.mode = None
+    page, leaked = client.last_response, proxy.leaked
+    assert page.status_code == 400 and "Sign-in failed" in page.text and "(ValueError)" in page.text
+    assert leaked not in page.text and "invalid literal" not in page.text
+    assert client.get("/ui/config").status_code == 401
+    with mitm_portal["services"].db.session() as s:
+        refused = s.exec(select(AuditEvent).where(AuditEvent.action == "login_refused")
+                         .order_by(AuditEvent.id.desc())).first()
+    assert refused.detail.startswith("ValueError") and leaked not in refused.detail
+    assert any(leaked in record.getMessage() for record in caplog.records)  # the admin still sees why

@@ -103,7 +103,8 @@ def test_uploaded_data_trains_and_the_run_keeps_its_version(data_services, tmp_p
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(48))
     version, _ = services.datasets.add(dana, data, "my_train", DatasetSpec("alpaca"))
     model = services.settings.shared_models_root / "tiny-llama"
-    run = submit_form(runs, dana, demo_form(model, "on_my_data", **{"train.dataset": ["my_train"]}))
+    # no held-out split here: the trainer's "Num examples" below is the whole pinned version
+    run = submit_form(runs, dana, demo_form(model, "on_my_data", **{"train.dataset": ["my_train"], "train.val_size": 0}))
     fingerprints = json.loads(run.dataset_fingerprints)
     assert fingerprints[0]["name"] == "my_train" and fingerprints[0]["sha256"] == version.sha256
     assert fingerprints[0]["version"] == 1 and fingerprints[0]["rows"] == 48

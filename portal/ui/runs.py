@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from ..models import Run, RunStatus
+from ..reproducibility import record_markdown
 from ..run_query import RunQuery, total_text
 from ..run_view import human_size
 from ..runs import ConfigRejected, NotFound, PortalError, RunService
@@ -68,6 +69,9 @@ def run_details(run: Run, mlflow_url: str | None) -> str:
         lines.append("**Data:** " + "; ".join(_fingerprint_text(fp) for fp in prints))
     if run.note or run.tags:
         lines.append(f"**Note:** {run.note or '—'} · **Tags:** {run.tags.replace(',', ', ') or '—'}")
+    if run.git_commit:
+        commit = f"[`{run.git_commit[:12]}`]({run.git_commit_url})" if run.git_commit_url else f"`{run.git_commit[:12]}`"
+        lines.append(f"**Config in Git:** {commit} · `{run.git_path}` on `{run.git_branch}`")
     if mlflow_url:
         lines.append(f"[Open in MLflow]({mlflow_url})")
     return "  \n".join(lines)
@@ -162,12 +166,17 @@ def drop_copy(folder):
     return None
 
 
+X_TITLES = {"step": "step", "tokens": "input tokens seen"}
+
+
 def compare_curves(comparison) -> pd.DataFrame | None:
-    rows = [{"step": int(p.step), "loss": float(p.value), "series": f"#{run.id} {run.name} {p.key}"}
-            for run in comparison.runs for p in comparison.curves.get(run.id, []) if p.key in ("loss", "eval_loss")]
+    """The compared runs' loss and eval_loss; column "x" is the step or the tokens seen
+    (comparison.x_axis)."""
+    rows = [{"x": float(x), "loss": float(value), "series": f"#{run.id} {run.name} {key}"}
+            for run in comparison.runs for key, x, value in comparison.points(run.id)]
     if not rows:
         return None
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+    return pd.DataFrame(rows, columns=["x", "loss", "series"]).astype({"x": "float64", "loss": "float64"})
 
 
 def compare_table(comparison) -> pd.DataFrame:
@@ -240,9 +249,12 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         with gr.Row():
             compare_pick = gr.Dropdown(label="Runs", choices=[], multiselect=True, max_choices=5, scale=4,
                                        elem_id="compare-select")
+            compare_axis = gr.Radio(["step", "tokens"], value="step", label="X axis", scale=1,
+                                    elem_id="compare-axis")
             compare_btn = gr.Button("Compare", scale=0, elem_id="compare-run")
-        compare_plot = gr.LinePlot(value=None, x="step", y="loss", color="series", title="Loss by step",
+        compare_plot = gr.LinePlot(value=None, x="x", y="loss", color="series", title="Loss by step", x_title="step",
                                    elem_id="compare-curve", height=300)
+        compare_note = gr.Markdown("", elem_id="compare-note")
         compare_diff = gr.Dataframe(value=pd.DataFrame(columns=[DIFF_HEADERS_FIRST]), interactive=False, wrap=True,
                                     elem_id="compare-diff")
     timer = gr.Timer(REFRESH_SECONDS)
@@ -277,6 +289,7 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         text_details = run_details(run, url)
         if total > len(history):
             text_details += f"  \n_(the table shows the newest {len(history)} of {total_text(total)} matching runs)_"
+        text_details += "\n\n" + record_markdown(runs.reproducibility(user, run.id))  # a table: last
         resume = gr.Button(visible=runs.resumable_checkpoint(user, run) is not None)
         return (dropdown, table_value, text_details, curve_frame(points),
                 runs.logs(user, run.id, tail_bytes=20_000), run.config_yaml,
@@ -396,15 +409,18 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         gr.Info(f"Export run #{child.id} merges run #{child.parent_id}; it is registered as "
                 f"{child.registered_model} when it succeeds.")
 
-    def compare(picked, request: gr.Request):
+    def compare(picked, axis, request: gr.Request):
         user = current_user(runs, request)
         try:
-            comparison = runs.compare(user, [run_number(p) for p in picked or []])
+            comparison = runs.compare(user, [run_number(p) for p in picked or []], x_axis=axis or "step")
         except (NotFound, PortalError, ValueError) as err:
             raise gr.Error(str(err)) from err
         except Exception as err:  # MLflow unreachable: say so instead of Gradio's generic error
             raise gr.Error(f"the curves could not be read from MLflow: {err.__class__.__name__}") from err
-        return compare_curves(comparison), compare_table(comparison)
+        title = X_TITLES[comparison.x_axis]
+        plot = gr.LinePlot(value=compare_curves(comparison), x_title=title, title=f"Loss by {title}")
+        note = "  \n".join(f"_Note: {n}_" for n in comparison.notes)
+        return plot, compare_table(comparison), note
 
     def tick(run_id, text, wanted, model, dataset, request: gr.Request):
         """The timer's refresh: everything but the compare picker (it would fight the user's picking)."""
@@ -431,6 +447,6 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
     resume_btn.click(resume, [selected], [selected]).then(refresh, [selected, *filters], outputs)
     cancel_btn.click(cancel, [selected], None).then(refresh, [selected, *filters], outputs)
     save_note_btn.click(save_note, [selected, note, tags], None).then(refresh, [selected, *filters], outputs)
-    compare_btn.click(compare, [compare_pick], [compare_plot, compare_diff])
+    compare_btn.click(compare, [compare_pick, compare_axis], [compare_plot, compare_diff, compare_note])
     return {"selected": selected, "table": table, "details": details, "curve": curve, "logs": logs,
             "config": config, "timer": timer, "refresh": refresh, "clone": clone_btn, "filters": filters}
