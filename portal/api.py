@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .client import API_PREFIX
-from .models import User
+from .models import Run, User
 from .run_query import RunQuery
 from .run_view import artifact_to_dict, event_to_dict, metrics_summary, run_to_dict
 from .runs import ConfigRejected, NotFound, PortalError, RunService
@@ -261,6 +261,19 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
         return StreamingResponse(chunks(), media_type="text/plain; charset=utf-8", headers={
             "Content-Disposition": _attachment(f"run-{run.id}-{run.name}.log"), "X-Log-Offset": str(size)})
 
+    def new_run(submit: Callable[[], Run]):
+        """A run made from another (resume, evaluate, merge): 404 for another user's run, 422 with
+        `problems` for a refused config, 409 for a run in the wrong state."""
+        try:
+            run = submit()
+        except NotFound as err:
+            raise HTTPException(404, str(err)) from err
+        except ConfigRejected as err:
+            return _rejected(err)
+        except PortalError as err:
+            raise HTTPException(409, str(err)) from err
+        return as_out(run)
+
     @router.get("/runs/{run_id}/artifacts", response_model=ArtifactList)
     def artifacts(run_id: int, user: User = you):
         try:
@@ -290,15 +303,7 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
                             422: {"description": "the new run was rejected: `problems` names each bad key"}})
     def resume(run_id: int, body: ResumeIn | None = None, user: User = you,
                name: str | None = Query(default=None, description="the new run's name (or `name` in the body)")):
-        try:
-            run = runs.resume(user, run_id, (body.name if body else None) or name)
-        except NotFound as err:
-            raise HTTPException(404, str(err)) from err
-        except ConfigRejected as err:
-            return _rejected(err)
-        except PortalError as err:
-            raise HTTPException(409, str(err)) from err
-        return as_out(run)
+        return new_run(lambda: runs.resume(user, run_id, (body.name if body else None) or name))
 
     @router.post("/runs/{run_id}/evaluate", response_model=RunOut, status_code=201,
                  responses={404: {"description": "no such run, or another user's"},
@@ -310,17 +315,10 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
         """Submit an eval job of a succeeded run (a run of kind `eval`, its `parent_id` the run); when it
         succeeds its metrics are on GET /api/runs/{run_id}/evaluations and on both MLflow runs."""
         body = body or EvaluateIn()
-        try:
-            run = runs.evaluate(user, run_id, body.datasets or None, body.max_samples,
-                                predict_with_generate=body.predict_with_generate,
-                                max_new_tokens=body.max_new_tokens, batch_size=body.batch_size, name=body.name)
-        except NotFound as err:
-            raise HTTPException(404, str(err)) from err
-        except ConfigRejected as err:
-            return _rejected(err)
-        except PortalError as err:
-            raise HTTPException(409, str(err)) from err
-        return as_out(run)
+        return new_run(lambda: runs.evaluate(user, run_id, body.datasets or None, body.max_samples,
+                                             predict_with_generate=body.predict_with_generate,
+                                             max_new_tokens=body.max_new_tokens, batch_size=body.batch_size,
+                                             name=body.name))
 
     @router.get("/runs/{run_id}/evaluations", response_model=EvaluationList,
                 responses={404: {"description": "no such run, or another user's"}})
@@ -341,15 +339,7 @@ def build_api(runs: RunService, request_user: Callable[[Request], User | None]) 
     def merge(run_id: int, body: MergeIn | None = None, user: User = you):
         """Submit an export job of a succeeded run (a run of kind `export`): the merged model, registered in
         MLflow's Model Registry as `registered_model` once it succeeds (then `registered_version` is set)."""
-        try:
-            run = runs.merge(user, run_id, body.name if body else None)
-        except NotFound as err:
-            raise HTTPException(404, str(err)) from err
-        except ConfigRejected as err:
-            return _rejected(err)
-        except PortalError as err:
-            raise HTTPException(409, str(err)) from err
-        return as_out(run)
+        return new_run(lambda: runs.merge(user, run_id, body.name if body else None))
 
     @router.post("/models/{name}/versions/{version}/alias", response_model=AliasOut, tags=["models"],
                  responses={403: {"description": "only admins set registry aliases"},

@@ -185,6 +185,7 @@ def remote_cancel(args: argparse.Namespace, client) -> int:
 
 
 def _size_text(size: int) -> str:
+    """portal.run_view.human_size, again: the --server commands import nothing but httpx."""
     for unit in ("B", "kB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
