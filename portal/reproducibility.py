@@ -126,13 +126,15 @@ def record_rows(rec: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def record_markdown(rec: dict[str, Any]) -> str:
-    """The record as a Markdown table (the Git commit linked when the portal has a commit link)."""
-    lines = ["#### Reproducibility", "", "| | |", "|---|---|"]
+    """The record as a Markdown list like the run's details above it (a two-column table in the
+    details' narrow column squeezed its labels to a letter per line); the Git commit linked when the
+    portal has a commit link."""
+    lines = ["#### Reproducibility", ""]
     git = rec["git"]
     for item, value in record_rows(rec):
         if item == "Git commit" and git and git.get("url"):
             value = f"[`{git['commit'][:12]}`]({git['url']}) · `{git['path']}` on `{git['branch']}`"
         elif item in ("Config sha256",) and value != "—":
             value = f"`{value}`"
-        lines.append(f"| {item} | {value.replace('|', '/')} |")
+        lines.append(f"- **{item}:** {value}")
     return "\n".join(lines)
