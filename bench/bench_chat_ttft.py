@@ -4,13 +4,16 @@ usage: .venv/bin/python bench/bench_chat_ttft.py [--pairs 20] [--warmup 3] [--ma
 
 One tiny demo run is trained for real (RunService + the local launcher, a few steps), then the
 web app is built with `create_app(services, supervise=False)` in auth mode none and served by
-uvicorn in a thread on a free loopback port. Both sides are the `openai` client (one client
-each, made once, so both keep their connections alive), streaming the same request
-(stream=True, the same messages, temperature, top_p and max_tokens):
+uvicorn in a thread of this process on a free loopback port: this process is the portal. The
+clients run in a process of their own (this script with --clients), as they do when a portal is
+deployed: a client sharing the portal's process would share its GIL, which no real client does
+(and the server of the direct side has a process of its own too). Both sides are the `openai`
+client there (one client each, made once, so both keep their connections alive), streaming the
+same request (stream=True, the same messages, temperature, top_p and max_tokens):
 
-  (a) portal: OpenAI(base_url=<portal>/v1) with model `run-<id>` -- the login guard and the
-      security layer, the gateway's checks, ChatService.stream (the run's row, the adapter
-      check), the portal's own HTTP client to the server and the re-encoded SSE stream all count;
+  (a) portal: OpenAI(base_url=<portal>/v1) with model `run-<id>` -- the security and token
+      layers, the gateway's checks, ChatService.stream (the run's row, the adapter check), the
+      portal's own HTTP client to the server and the re-encoded SSE stream all count;
   (b) direct: OpenAI(base_url=<the run's server>/v1, api_key=<its key>) -- the Endpoint from
       `services.chat.local_servers.ensure(run)`: the same `llamafactory-cli api` process.
 
@@ -19,7 +22,9 @@ content. Each answer is read to its end before the next request (an abandoned st
 keep the server generating during the next measurement). The first chat through the portal
 starts the run's server; it is timed on its own (the "cold" first token) and not counted. Then
 --warmup untimed requests per side, then --pairs pairs that alternate which side goes first.
-Budget: median(portal) / median(direct) <= 1.10. The chat servers are stopped at the end.
+Budget: median(portal) / median(direct) <= 1.10. Afterwards, in this process, the same number
+of answers through ChatService.stream_run (no HTTP on the portal's side): what the web layer
+adds. The chat servers are stopped at the end.
 """
 
 from __future__ import annotations
@@ -76,6 +81,43 @@ def one_service_chat(chat, user, run_id: int, max_tokens: int) -> dict[str, Any]
     return {"ttft_s": first, "total_s": total, "pieces": pieces}
 
 
+def run_clients(opts, portal_url: str, model: str, endpoint) -> dict[str, list[dict[str, Any]]]:
+    """The measured pairs, from a process of their own (this script with --clients); the direct
+    side's key goes through the environment, never the command line."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, BENCH_PORTAL_URL=portal_url, BENCH_PORTAL_MODEL=model, BENCH_DIRECT_URL=endpoint.base_url,
+               BENCH_DIRECT_MODEL=endpoint.model_name, BENCH_DIRECT_KEY=endpoint.api_key or "none")
+    cmd = [sys.executable, __file__, "--clients", "--pairs", str(opts.pairs), "--warmup", str(opts.warmup),
+           "--max-tokens", str(opts.max_tokens)]
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def clients_main(opts) -> None:
+    """--clients: the two `openai` clients, warm-up and the pairs; the figures as JSON on stdout."""
+    import json
+
+    from openai import OpenAI
+
+    via_portal = OpenAI(base_url=os.environ["BENCH_PORTAL_URL"], api_key="unused-on-loopback", max_retries=0)
+    straight = OpenAI(base_url=os.environ["BENCH_DIRECT_URL"], api_key=os.environ["BENCH_DIRECT_KEY"], max_retries=0)
+    sides = {"portal": (via_portal, os.environ["BENCH_PORTAL_MODEL"]),
+             "direct": (straight, os.environ["BENCH_DIRECT_MODEL"])}
+    for _ in range(opts.warmup):
+        for client, model in sides.values():
+            one_chat(client, model, opts.max_tokens)
+    out: dict[str, list[dict[str, Any]]] = {"portal": [], "direct": []}
+    for i in range(opts.pairs):
+        for side in (("portal", "direct") if i % 2 == 0 else ("direct", "portal")):
+            out[side].append(one_chat(*sides[side], opts.max_tokens))
+        print(f"[{time.strftime('%H:%M:%S')}] pair {i + 1}/{opts.pairs}: first token portal "
+              f"{out['portal'][-1]['ttft_s'] * 1000:.1f} ms, direct {out['direct'][-1]['ttft_s'] * 1000:.1f} ms",
+              file=sys.stderr, flush=True)  # stdout carries the figures
+    print(json.dumps(out))
+
+
 def ms(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] * 1000 for r in rows]
 
@@ -94,12 +136,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cutoff-len", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300, help="the training, s")
     p.add_argument("--keep", action="store_true", help="keep the temp data root")
-    p.add_argument("--switch-interval-ms", type=float, default=None,
-                   help="sys.setswitchinterval for this process (client, portal and its threads share one GIL "
-                        "here, unlike a deployed portal); default: Python's 5 ms")
+    p.add_argument("--clients", action="store_true", help=argparse.SUPPRESS)  # the clients' own process
     opts = p.parse_args(argv)
-    if opts.switch_interval_ms is not None:
-        sys.setswitchinterval(opts.switch_interval_ms / 1000)
+    if opts.clients:
+        clients_main(opts)
+        return {}
 
     from openai import OpenAI
 
@@ -107,9 +148,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.monotonic()
     C.log(f"{NAME}: {opts.pairs} pairs (+{opts.warmup} warm-up per side), max_tokens {opts.max_tokens}")
-    portal: list[dict[str, Any]] = []
-    direct: list[dict[str, Any]] = []
-    service: list[dict[str, Any]] = []
     # one server, never stopped for idleness during the benchmark
     with C.bench_env("chat", keep=opts.keep, chat_max_servers=1, chat_idle_seconds=3600.0) as env:
         services = env["services"]
@@ -141,25 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{cold['ttft_s']:.2f} s, answer done after {cold['total_s']:.2f} s")
                 info = services.chat.local_servers.info(run.id)
                 endpoint = services.chat.local_servers.ensure(run)  # the running one: its URL, name and key
-                straight = OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key, max_retries=0)
-
-                for _ in range(opts.warmup):
-                    one_chat(via_portal, model, opts.max_tokens)
-                    one_chat(straight, endpoint.model_name, opts.max_tokens)
-                    one_service_chat(services.chat, user, run.id, opts.max_tokens)
 
                 with C.CpuMeter(job_pid=info.pid) as cpu:  # the server's CPU apart from other processes'
-                    for i in range(opts.pairs):
-                        order = ("portal", "direct", "service") if i % 2 == 0 else ("service", "direct", "portal")
-                        for side in order:
-                            if side == "portal":
-                                portal.append(one_chat(via_portal, model, opts.max_tokens))
-                            elif side == "direct":
-                                direct.append(one_chat(straight, endpoint.model_name, opts.max_tokens))
-                            else:
-                                service.append(one_service_chat(services.chat, user, run.id, opts.max_tokens))
-                        C.log(f"pair {i + 1}/{opts.pairs}: first token portal {portal[-1]['ttft_s'] * 1000:.1f} ms, "
-                              f"direct {direct[-1]['ttft_s'] * 1000:.1f} ms")
+                    measured = run_clients(opts, served.url + "/v1", model, endpoint)
+                portal, direct = measured["portal"], measured["direct"]
+                C.log("in this process: the same answers through ChatService.stream_run")
+                for _ in range(opts.warmup):
+                    one_service_chat(services.chat, user, run.id, opts.max_tokens)
+                service = [one_service_chat(services.chat, user, run.id, opts.max_tokens) for _ in range(opts.pairs)]
                 if services.chat.local_servers.info(run.id).pid != info.pid:
                     raise RuntimeError("the run's server was restarted during the benchmark: figures are mixed")
         finally:
@@ -191,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"direct {d_total['median']:.1f}")
     print(f"  added by the portal per first token: median {C.median(added):+.1f} ms; "
           f"median of the per-pair ratios {C.median(pair_ratios):.3f}")
-    print(f"  CPU during the pairs ({cpu.wall_s:.1f} s): this process (client + portal) {cpu.self_cpu_s:.2f} s, "
+    print(f"  CPU during the pairs ({cpu.wall_s:.1f} s): the portal {cpu.self_cpu_s:.2f} s, the clients' process "
+          f"{cpu.children_cpu_s:.2f} s, "
           f"the run's server {cpu.job_cpu_s:.2f} s; other processes took {others_cores:.2f} cores "
           f"(load average {cpu.load_before:.1f} -> {cpu.load_after:.1f})")
     print(C.budget_line("ratio median(portal)/median(direct) TTFT", f"{ratio:.3f}", f"<= {BUDGET_RATIO}", ok))

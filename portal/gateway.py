@@ -101,11 +101,12 @@ def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) 
                                           "model": model, "choices": [{"index": 0, "delta": delta,
                                                                        "finish_reason": finish}]}) + "\n\n"
 
-        def events():
-            # the role and the first text in one piece: each piece of a sync stream is a thread hop
+        async def events():
+            # the role and the first text at once, on the event loop: the first token waits for no
+            # thread; the later pieces come from the sync stream one thread hop each
             yield chunk({"role": "assistant", "content": ""}) + (chunk({"content": first}) if first else "")
             try:
-                for delta in stream:
+                while (delta := await run_in_threadpool(next, stream, None)) is not None:
                     yield chunk({"content": delta})
             except InferenceError as err:  # mid-answer: the client gets the reason, not a silent end
                 yield "data: " + json.dumps({"error": {"message": str(err), "type": "server_error"}}) + "\n\n"

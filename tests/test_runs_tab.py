@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import ARTIFACTS, demo_form, launch_chromium, submit_form
 
@@ -13,6 +15,35 @@ def _pick(page, elem_id: str, value: str) -> None:
     box.click()
     box.fill(value)
     page.get_by_role("option", name=value).first.click()
+
+
+# Gradio 5's LinePlot draws with Vega on a canvas: its title, axis titles and legend are no DOM text.
+# This records every string drawn on a canvas, by the id of the nearest element that has one.
+RECORD_CANVAS_TEXT = """
+const fillText = CanvasRenderingContext2D.prototype.fillText;
+CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+  const box = this.canvas.closest && this.canvas.closest("[id]");
+  if (box) ((window.__drawn ??= {})[box.id] ??= []).push(String(text));
+  return fillText.call(this, text, ...rest);
+};
+"""
+
+
+def _drawn_count(page, elem_id: str) -> int:
+    return page.evaluate("id => (window.__drawn?.[id] || []).length", elem_id)
+
+
+def _wait_drawn(page, elem_id: str, texts: list[str], since: int = 0) -> None:
+    """Wait until all ``texts`` were drawn on the canvas in #elem_id (after its first ``since`` strings)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([id, texts, since]) => { const drawn = (window.__drawn?.[id] || []).slice(since);"
+                               " return texts.every(t => drawn.includes(t)); }", arg=[elem_id, texts, since],
+                               timeout=30_000)
+    except PlaywrightTimeout:
+        drawn = page.evaluate("id => window.__drawn?.[id] || []", elem_id)[since:]
+        raise AssertionError(f"#{elem_id} never drew {texts}; it drew {sorted(set(drawn))}") from None
 
 
 @pytest.mark.browser
@@ -33,6 +64,7 @@ def test_filter_compare_and_clone(portal):
     with sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.add_init_script(RECORD_CANVAS_TEXT)
         try:
             page.goto(portal["url"] + "/ui/")
             page.get_by_role("tab", name="Runs").click()
@@ -59,12 +91,59 @@ def test_filter_compare_and_clone(portal):
             expect(diff).to_contain_text("0.0001")
             expect(diff).not_to_contain_text("lora_rank")  # the same in both: not shown
             expect(page.locator("#compare-curve canvas, #compare-curve svg").first).to_be_visible(timeout=30_000)
+            series = [f"#{first.id} cmp_lr_high loss", f"#{second.id} cmp_lr_low loss"]  # the legend: both curves
+            _wait_drawn(page, "compare-curve", ["Loss by step", "step", *series])
             page.screenshot(path=str(ARTIFACTS / "runs-compare.png"), full_page=True)
 
-            # clone the first run into the form, change nothing, submit: the child records its parent
+            # by input tokens seen: form runs log them (include_num_input_tokens_seen), so no fallback to steps
+            since = _drawn_count(page, "compare-curve")
+            page.locator("#compare-axis").get_by_text("tokens", exact=True).click()
+            page.locator("#compare-run").click()
+            _wait_drawn(page, "compare-curve", ["Loss by input tokens seen", "input tokens seen", *series], since)
+            expect(page.locator("#compare-curve canvas, #compare-curve svg").first).to_be_visible()
+            expect(page.locator("#compare-note")).not_to_contain_text("logged no token counts")  # same update as the plot
+            page.screenshot(path=str(ARTIFACTS / "runs-compare-tokens.png"), full_page=True)
+
+            # evaluate the first run from its page: an eval child run, its metrics on the parent's page
             select = page.locator("#run-select input")
             select.fill(str(first.id))
             select.press("Enter")
+            expect(page.locator("#run-details")).to_contain_text("cmp_lr_high", timeout=30_000)
+            page.get_by_text("Evaluate and ship (succeeded training runs)").click()
+            expect(page.locator("#run-evaluations")).to_contain_text("No evaluation yet", timeout=30_000)
+            _pick(page, "eval-datasets", "demo_alpaca")
+            page.keyboard.press("Escape")
+            for elem_id in ("eval-max-samples", "eval-max-new-tokens"):  # a few samples, a few tokens: seconds
+                page.locator(f"#{elem_id} input").fill("4")
+                page.locator(f"#{elem_id} input").press("Tab")
+            page.locator("#run-evaluate").click()
+            expect(page.get_by_text(re.compile(rf"Eval run #\d+ .*evaluates run #{first.id} on demo_alpaca"))
+                   ).to_be_visible(timeout=30_000)
+            (evaluation,) = [r for r in runs.list_runs(user) if r.parent_id == first.id and r.kind == "eval"]
+            config = runs.parse_config(evaluation.config_yaml)
+            assert config["max_samples"] == 4 and config["max_new_tokens"] == 4, config  # the form's numbers
+            done = runs.wait(user, evaluation.id, timeout=300, interval=0.5)
+            assert done.status.value == "succeeded", runs.logs(user, evaluation.id)[-3000:]
+            page.locator("#runs-refresh").click()
+            results = page.locator("#run-evaluations")
+            expect(results).to_contain_text(f"Eval run #{evaluation.id}", timeout=30_000)
+            expect(results).to_contain_text("succeeded")
+            expect(results).to_contain_text("predict_bleu-4")
+            expect(results).to_contain_text("predict_rouge-l")
+            expect(results).to_contain_text("generated_predictions.jsonl")
+
+            # merge & register under a typed name: an export child run (cancelled here: test_evaluate merges for real)
+            page.locator("#merge-name textarea, #merge-name input").first.fill("cmp-tab-merged")
+            page.locator("#run-merge").click()
+            expect(page.get_by_text(re.compile(rf"Export run #\d+ merges run #{first.id}; it is registered as "
+                                               r"cmp-tab-merged"))).to_be_visible(timeout=30_000)
+            (export,) = [r for r in runs.list_runs(user) if r.parent_id == first.id and r.kind == "export"]
+            assert export.registered_model == "cmp-tab-merged" and export.registered_version is None
+            if not runs.get_run(user, export.id).status.is_final:
+                runs.cancel(user, export.id)
+            page.screenshot(path=str(ARTIFACTS / "runs-evaluate-ship.png"), full_page=True)
+
+            # clone the first run into the form, change nothing, submit: the child records its parent
             expect(page.locator("#run-details")).to_contain_text("cmp_lr_high", timeout=30_000)
             page.locator("#run-clone").click()
             output = page.locator("#lb-train-output-box")
@@ -107,6 +186,7 @@ def test_run_page_history_whole_log_files_and_resume(portal):
             history = page.locator("#run-history")
             expect(history).to_contain_text("cancelled", timeout=30_000)
             expect(history).to_contain_text("running on the CPU")
+            expect(page.locator("#run-cancel")).to_be_hidden()  # an ended run: nothing to cancel
 
             # the whole log: a file link, the same bytes as job.log; the portal's own copy is gone at once
             page.locator("#run-log-download").click()
@@ -136,7 +216,25 @@ def test_run_page_history_whole_log_files_and_resume(portal):
             resume = page.locator("#run-resume")
             expect(resume).to_be_visible(timeout=30_000)
             resume.click()
-            expect(page.locator("#run-details")).to_contain_text(f"Resumed from: run #{parent.id}", timeout=90_000)
+            details = page.locator("#run-details")
+            expect(details).to_contain_text(f"Resumed from: run #{parent.id}", timeout=90_000)
+
+            # the child trains (30 epochs to go): Cancel shows, and cancels it from its page
+            (resumed,) = [r for r in runs.search_runs(user, RunQuery(search="tab_long_resume"))[0]
+                          if r.parent_id == parent.id]
+            expect(details).to_contain_text(f"Run #{resumed.id}")
+            expect(history).not_to_contain_text("cancelled")  # the child's history now, not the parent's
+            # the parent's downloads are not offered on the child's page
+            expect(page.locator("#run-log-file")).to_be_hidden(timeout=30_000)
+            expect(page.locator("#run-artifact-file")).to_be_hidden()
+            cancel = page.locator("#run-cancel")
+            expect(cancel).to_be_visible(timeout=30_000)
+            cancel.click()
+            expect(page.get_by_text(f"Run #{resumed.id} is cancelled.")).to_be_visible(timeout=60_000)
+            expect(details).to_contain_text("Status: cancelled", timeout=60_000)
+            expect(history).to_contain_text("cancelled", timeout=30_000)
+            expect(cancel).to_be_hidden(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "runs-resumed-cancelled.png"), full_page=True)
         finally:
             browser.close()
             children = [r for r in runs.search_runs(user, RunQuery(search="tab_long_resume"))[0]
@@ -145,3 +243,21 @@ def test_run_page_history_whole_log_files_and_resume(portal):
                 if not child.status.is_final:
                     runs.cancel(user, child.id)
     assert len(children) == 1 and "resume_from_checkpoint:" in children[0].config_yaml
+    child = runs.get_run(user, children[0].id)
+    assert child.status.value == "cancelled" and "cancel" in (child.status_reason or ""), child.status_reason
+
+
+def test_opening_the_runs_tab_fills_the_table(portal):
+    """The Runs tab's select event runs the tab's refresh into the table (no wait for the timer's tick)."""
+    import gradio as gr
+
+    blocks = portal["app"].state.blocks
+    parts = blocks.portal_runs_tab
+    (tab,) = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab) and b.id == "runs"]
+    (table,) = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "runs-table"]
+    on_select = [fn for fn in blocks.fns.values() if (tab._id, "select") in fn.targets]
+    assert len(on_select) == 1, on_select
+    (fn,) = on_select
+    assert fn.fn is parts["refresh"]
+    assert table in fn.outputs and fn.outputs == parts["outputs"]
+    assert fn.inputs == [parts["selected"], *parts["filters"]]

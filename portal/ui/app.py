@@ -47,13 +47,16 @@ def build_ui(runs: RunService, chat: ChatService, sign_out: bool = False) -> gr.
                 data_parts = build_data_tab(runs, runs.datasets, form.component("train.dataset"),
                                             form.component("train.training_stage"))
             data_tab.select(data_parts["refresh"], [data_parts["stage"]], data_parts["outputs"])
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_tab_item:
                 runs_tab = build_runs_tab(runs)
                 with gr.Row(visible=git.enabled):
                     git_export_btn = gr.Button("Export to Git", scale=0, elem_id="run-git-export")
                     git_export_result = gr.Markdown(elem_id="run-git-result")
                 git_export_btn.click(export_run_handler(git, run_number), [runs_tab["selected"]], [git_export_result],
                                      show_api=False)
+            # the table at once when the tab opens, not at the timer's next tick (up to 2 s later)
+            runs_tab_item.select(runs_tab["refresh"], [runs_tab["selected"], *runs_tab["filters"]], runs_tab["outputs"],
+                                 concurrency_limit=None, show_progress="hidden")
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_parts = build_chat_tab(chat)
             chat_tab.select(chat_parts["reload"], None, chat_parts["target"])

@@ -199,7 +199,8 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         selected = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="run-select",
                                allow_custom_value=True)
         clone_btn = gr.Button("Clone into the form", scale=0, elem_id="run-clone")
-        cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, elem_id="run-cancel")
+        # shown only while the selected run can still be cancelled (queued, starting, running)
+        cancel_btn = gr.Button("Cancel run", variant="stop", scale=0, visible=False, elem_id="run-cancel")
     table = gr.Dataframe(headers=TABLE_HEADERS, value=runs_table([]), interactive=False, wrap=True, elem_id="runs-table")
     with gr.Row():
         with gr.Column(scale=2):
@@ -271,15 +272,15 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
             dropdown = gr.Dropdown(choices=run_choices(history))
         picks = gr.Dropdown(choices=run_choices(history))
         table_value = runs_table(history)
-        no_resume = gr.Button(visible=False)
+        hidden = gr.Button(visible=False)
         if run_id is None:
             empty = "No runs match these filters." if any((text, wanted, model, dataset)) else \
                 "No runs yet: submit one from the Train tab."
-            return dropdown, table_value, empty, curve_frame([]), "", "", history_table([]), no_resume, picks
+            return dropdown, table_value, empty, curve_frame([]), "", "", history_table([]), hidden, hidden, picks
         try:
             run = runs.get_run(user, run_number(run_id))
         except (NotFound, ValueError) as err:
-            return dropdown, table_value, str(err), curve_frame([]), "", "", history_table([]), no_resume, picks
+            return dropdown, table_value, str(err), curve_frame([]), "", "", history_table([]), hidden, hidden, picks
         try:
             points = runs.metrics(user, run.id)
             url = runs.mlflow_url(run)
@@ -291,9 +292,10 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
             text_details += f"  \n_(the table shows the newest {len(history)} of {total_text(total)} matching runs)_"
         text_details += "\n\n" + record_markdown(runs.reproducibility(user, run.id))  # a table: last
         resume = gr.Button(visible=runs.resumable_checkpoint(user, run) is not None)
+        cancellable = gr.Button(visible=not run.status.is_final)
         return (dropdown, table_value, text_details, curve_frame(points),
                 runs.logs(user, run.id, tail_bytes=20_000), run.config_yaml,
-                history_table(runs.status_events(user, run.id)), resume, picks)
+                history_table(runs.status_events(user, run.id)), resume, cancellable, picks)
 
     def cancel(run_id, request: gr.Request):
         user = current_user(runs, request)
@@ -427,7 +429,7 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
         return refresh(run_id, text, wanted, model, dataset, request)[:-1]
 
     filters = [search, statuses, model_filter, dataset_filter]
-    outputs = [selected, table, details, curve, logs, config, history_box, resume_btn, compare_pick]
+    outputs = [selected, table, details, curve, logs, config, history_box, resume_btn, cancel_btn, compare_pick]
     timer.tick(tick, [selected, *filters], outputs[:-1], show_progress="hidden", concurrency_limit=None)
     refresh_btn.click(refresh, [selected, *filters], outputs, concurrency_limit=None).then(
         load_files, [selected], [files, file_pick]).then(load_evaluations, [selected], [eval_datasets, eval_results])
@@ -438,6 +440,9 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
     selected.change(load_note, [selected], [note, tags])  # also when the tab follows the newest run
     selected.change(load_files, [selected], [files, file_pick])
     selected.change(load_evaluations, [selected], [eval_datasets, eval_results])
+    # another run: the last run's downloads must not stay on its page
+    selected.change(lambda: (gr.File(value=None, visible=False),) * 2, None, [log_file, artifact_file],
+                    show_progress="hidden")
     eval_btn.click(evaluate, [selected, eval_datasets, eval_samples, eval_tokens], None).then(
         load_evaluations, [selected], [eval_datasets, eval_results])
     merge_btn.click(merge, [selected, merge_name], None).then(refresh, [selected, *filters], outputs)
@@ -449,4 +454,5 @@ def build_runs_tab(runs: RunService) -> dict[str, Any]:
     save_note_btn.click(save_note, [selected, note, tags], None).then(refresh, [selected, *filters], outputs)
     compare_btn.click(compare, [compare_pick, compare_axis], [compare_plot, compare_diff, compare_note])
     return {"selected": selected, "table": table, "details": details, "curve": curve, "logs": logs,
-            "config": config, "timer": timer, "refresh": refresh, "clone": clone_btn, "filters": filters}
+            "config": config, "timer": timer, "refresh": refresh, "clone": clone_btn, "filters": filters,
+            "outputs": outputs}
