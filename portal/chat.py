@@ -16,6 +16,8 @@ import logging
 import queue
 import re
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,12 @@ from .runs import NotFound, PortalError, RunService
 log = logging.getLogger(__name__)
 
 RUN_MODEL = re.compile(r"^run-(\d+)$")
+# A run a user may chat with is read from the database once per this many seconds, not per message:
+# the two reads were half of the portal's share of the first token (decision 0024). What chat needs
+# of a run that succeeded (owner, output folder, method, config) does not change; the adapter's
+# presence on disk is checked on every message all the same.
+CHAT_RUN_SECONDS = 30.0
+CHAT_RUNS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class ChatService:
         self.endpoint = endpoint if endpoint is not None else make_endpoint(runs)
         self._local = None
         self._lock = threading.Lock()
+        # (user id, admin?, run id) -> (time.monotonic() of the read, the run): see CHAT_RUN_SECONDS
+        self._chat_runs: OrderedDict[tuple[int, bool, int], tuple[float, Run]] = OrderedDict()
 
     # ---- where models run ---------------------------------------------------------------------
     @property
@@ -170,10 +180,7 @@ class ChatService:
     def stream_run(self, user: User, run_id: int, messages: Sequence[Message], *, base: bool = False,
                    **params: Any) -> Iterator[str]:
         """Stream an answer of a run (``base``: of its base model without the adapter)."""
-        from .serving import check_servable
-
-        run = self.runs.get_run(user, run_id, purpose="chat")  # another user's run: NotFound, audited
-        check_servable(run)
+        run = self._chat_run(user, run_id)  # another user's run: NotFound, audited
         if self._on_endpoint(run):
             if base:
                 return self.endpoint.stream_model(self.endpoint.base_model_for(run), messages, **params)
@@ -184,6 +191,26 @@ class ChatService:
         if not base and servers.info(run.id) is None:
             self.runs.audit(user.username, "chat_load", f"run:{run.id}", "model server started for a chat")
         return servers.stream_chat(run, messages, base=base, **params)
+
+    def _chat_run(self, user: User, run_id: int) -> Run:
+        """The run as ``get_run`` gives it to this user (another user's run: NotFound, audited),
+        read again once it is CHAT_RUN_SECONDS old; checked servable on every call. A run that
+        cannot chat (still training, say) is not kept: it is read again at the next message."""
+        from .serving import check_servable
+
+        key, now = (user.id, bool(user.is_admin), run_id), time.monotonic()
+        with self._lock:
+            seen = self._chat_runs.get(key)
+        fresh = seen is not None and now - seen[0] < CHAT_RUN_SECONDS
+        run = seen[1] if fresh else self.runs.get_run(user, run_id, purpose="chat")
+        check_servable(run)
+        if not fresh:
+            with self._lock:
+                self._chat_runs[key] = (now, run)
+                self._chat_runs.move_to_end(key)
+                while len(self._chat_runs) > CHAT_RUNS_KEPT:
+                    self._chat_runs.popitem(last=False)
+        return run
 
     def release(self, user: User, model: str) -> str:
         """Let go of a run's model now (its local server stopped, its adapter unloaded) rather

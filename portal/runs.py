@@ -202,6 +202,7 @@ class RunService:
         self._dispatch_lock = threading.Lock()
         self._starting: set[int] = set()  # runs this process is handing to its launcher right now
         self._denied_seen: dict[tuple[int, int], float] = {}
+        self._users_seen: dict[str, tuple[float, User]] = {}  # user(max_age=...): name -> (read at, row)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -217,11 +218,20 @@ class RunService:
                 s.refresh(user)
             return user
 
-    def user(self, username: str) -> User:
+    def user(self, username: str, *, max_age: float = 0.0) -> User:
+        """The active user of that name; ``max_age`` > 0 takes a row read that many seconds ago or
+        less (the per-request read of the single local user without login: decision 0024)."""
+        now = time.monotonic()
+        seen = self._users_seen.get(username)
+        if seen is not None and now - seen[0] < max_age:
+            return seen[1]
         with self.db.session() as s:
             user = s.exec(select(User).where(User.username == username)).first()
         if user is None or not user.is_active:
+            self._users_seen.pop(username, None)
             raise PermissionError(f"unknown or inactive user '{username}'")
+        if max_age > 0:
+            self._users_seen[username] = (now, user)
         return user
 
     def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None,

@@ -23,6 +23,7 @@ from .tokens import TOKEN_PREFIX, bearer_token
 
 log = logging.getLogger(__name__)
 UI_PATH = "/ui"
+LOCAL_USER_SECONDS = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -269,7 +270,9 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
             return user
         name = current_username(request)
         try:
-            return runs.user(name) if name else None
+            # without login the one local user is read at most every LOCAL_USER_SECONDS (decision 0024);
+            # with login the guard has put the signed-in user, read for this request, on request.state
+            return runs.user(name, max_age=LOCAL_USER_SECONDS if settings.auth_mode == "none" else 0.0) if name else None
         except PermissionError:  # deactivated meanwhile
             return None
 

@@ -97,3 +97,67 @@ def test_unload_stops_the_runs_server_and_only_for_its_owner(chat_portal):
     assert chat.release(alice, f"run-{run.id}") == f"run-{run.id}: its model server is stopped"
     assert chat.local_servers.info(run.id) is None
     assert chat.release(alice, f"run-{run.id}") == f"run-{run.id} has no model loaded"
+
+
+def test_chat_reads_a_run_once_per_interval_and_checks_its_adapter_every_message(trained, monkeypatch):
+    """Decision 0024: a run one may chat with is read from the database once per
+    CHAT_RUN_SECONDS, per user; ownership is decided by that read, the adapter checked each time."""
+    from pathlib import Path
+
+    from portal import chat as chat_module
+    from portal.chat import ChatService
+    from portal.serving import ChatServerError
+
+    runs, alice, run = trained["services"].runs, trained["user"], trained["run"]
+    chat = ChatService(runs)  # its own cache; it starts no server here
+    reads: list[tuple[str, int]] = []
+    real_get_run = runs.get_run
+
+    def counted(user, run_id, purpose="view"):
+        reads.append((user.username, run_id))
+        return real_get_run(user, run_id, purpose)
+
+    monkeypatch.setattr(runs, "get_run", counted)
+    assert [chat._chat_run(alice, run.id).id for _ in range(3)] == [run.id] * 3
+    assert reads == [("alice", run.id)]
+    bob = runs.ensure_user("bob_chat_cache")
+    for _ in range(2):  # alice's read is not bob's, and a refusal is not kept: read (and audited) each time
+        with pytest.raises(NotFound):
+            chat._chat_run(bob, run.id)
+    assert reads.count(("bob_chat_cache", run.id)) == 2
+    adapter = Path(run.output_dir) / "adapter_config.json"
+    moved = adapter.with_name("adapter_config.json.moved")
+    adapter.rename(moved)
+    try:
+        with pytest.raises(ChatServerError, match="adapter .* is missing"):
+            chat._chat_run(alice, run.id)  # kept, but its adapter is gone: refused at once
+    finally:
+        moved.rename(adapter)
+    monkeypatch.setattr(chat_module, "CHAT_RUN_SECONDS", 0.0)
+    chat._chat_run(alice, run.id)
+    assert reads.count(("alice", run.id)) == 2
+
+
+def test_a_user_read_may_be_reused_only_when_asked_and_never_after_a_refusal(trained):
+    from portal.models import User
+
+    runs, db = trained["services"].runs, trained["services"].db
+    carl = runs.ensure_user("carl_max_age")
+
+    def set_active(active: bool) -> None:
+        with db.session() as s:
+            row = s.exec(select(User).where(User.username == "carl_max_age")).one()
+            row.is_active = active
+            s.add(row)
+            s.commit()
+
+    assert runs.user("carl_max_age", max_age=60).id == carl.id
+    set_active(False)
+    try:
+        assert runs.user("carl_max_age", max_age=60).id == carl.id  # the read of a moment ago
+        with pytest.raises(PermissionError, match="inactive"):
+            runs.user("carl_max_age")  # the default: read now
+        with pytest.raises(PermissionError, match="inactive"):
+            runs.user("carl_max_age", max_age=60)  # the refused read replaced the kept one
+    finally:
+        set_active(True)
