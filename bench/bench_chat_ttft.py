@@ -22,7 +22,9 @@ content. Each answer is read to its end before the next request (an abandoned st
 keep the server generating during the next measurement). The first chat through the portal
 starts the run's server; it is timed on its own (the "cold" first token) and not counted. Then
 --warmup untimed requests per side, then --pairs pairs that alternate which side goes first.
-Budget: median(portal) / median(direct) <= 1.10. Afterwards, in this process, the same number
+Budget: median(portal) / median(direct) <= 1.10. With --parts a third side, an ideal proxy (one
+more HTTP hop doing nothing else), joins the rounds, and timestamps in the portal split its
+share of the first token into parts (bench/_chat_parts.py). Afterwards, in this process, the same number
 of answers through ChatService.stream_run (no HTTP on the portal's side): what the web layer
 adds. The chat servers are stopped at the end.
 """
@@ -30,6 +32,7 @@ adds. The chat servers are stopped at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -47,6 +50,7 @@ MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
 
 def one_chat(client, model: str, max_tokens: int) -> dict[str, Any]:
     """One streamed answer: seconds to the first non-empty content delta and to the end."""
+    t0_ns = time.perf_counter_ns()
     t0 = time.perf_counter()
     stream = client.chat.completions.create(model=model, messages=MESSAGES, stream=True, max_tokens=max_tokens,
                                             temperature=0.7, top_p=0.9)
@@ -58,11 +62,13 @@ def one_chat(client, model: str, max_tokens: int) -> dict[str, Any]:
             if text:
                 if first is None:
                     first = time.perf_counter() - t0
+                    first_ns = time.perf_counter_ns()
                 pieces.append(text)
     total = time.perf_counter() - t0
     if first is None:
         raise RuntimeError(f"{model}: the answer had no content ({len(pieces)} pieces)")
-    return {"ttft_s": first, "total_s": total, "pieces": len(pieces), "chars": len("".join(pieces))}
+    return {"ttft_s": first, "total_s": total, "pieces": len(pieces), "chars": len("".join(pieces)),
+            "t0_ns": t0_ns, "first_ns": first_ns}  # one monotonic clock across processes (--parts)
 
 
 def one_service_chat(chat, user, run_id: int, max_tokens: int) -> dict[str, Any]:
@@ -81,39 +87,38 @@ def one_service_chat(chat, user, run_id: int, max_tokens: int) -> dict[str, Any]
     return {"ttft_s": first, "total_s": total, "pieces": pieces}
 
 
-def run_clients(opts, portal_url: str, model: str, endpoint) -> dict[str, list[dict[str, Any]]]:
-    """The measured pairs, from a process of their own (this script with --clients); the direct
-    side's key goes through the environment, never the command line."""
+def run_clients(opts, sides: dict[str, tuple[str, str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """The measured requests, from a process of their own (this script with --clients); each side
+    is (base URL, model, API key), passed in the environment: a key never goes on a command line."""
     import json
     import subprocess
 
-    env = dict(os.environ, BENCH_PORTAL_URL=portal_url, BENCH_PORTAL_MODEL=model, BENCH_DIRECT_URL=endpoint.base_url,
-               BENCH_DIRECT_MODEL=endpoint.model_name, BENCH_DIRECT_KEY=endpoint.api_key or "none")
+    env = dict(os.environ, BENCH_SIDES=json.dumps(sides))
     cmd = [sys.executable, __file__, "--clients", "--pairs", str(opts.pairs), "--warmup", str(opts.warmup),
            "--max-tokens", str(opts.max_tokens)]
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=600, check=True)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=900, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def clients_main(opts) -> None:
-    """--clients: the two `openai` clients, warm-up and the pairs; the figures as JSON on stdout."""
+    """--clients: one `openai` client per side, the warm-up, then --pairs rounds, each side once
+    per round, the side that goes first rotating; the figures as JSON on stdout."""
     import json
 
     from openai import OpenAI
 
-    via_portal = OpenAI(base_url=os.environ["BENCH_PORTAL_URL"], api_key="unused-on-loopback", max_retries=0)
-    straight = OpenAI(base_url=os.environ["BENCH_DIRECT_URL"], api_key=os.environ["BENCH_DIRECT_KEY"], max_retries=0)
-    sides = {"portal": (via_portal, os.environ["BENCH_PORTAL_MODEL"]),
-             "direct": (straight, os.environ["BENCH_DIRECT_MODEL"])}
+    sides = {name: (OpenAI(base_url=url, api_key=key, max_retries=0), model)
+             for name, (url, model, key) in json.loads(os.environ["BENCH_SIDES"]).items()}
+    names = list(sides)
     for _ in range(opts.warmup):
         for client, model in sides.values():
             one_chat(client, model, opts.max_tokens)
-    out: dict[str, list[dict[str, Any]]] = {"portal": [], "direct": []}
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(opts.pairs):
-        for side in (("portal", "direct") if i % 2 == 0 else ("direct", "portal")):
-            out[side].append(one_chat(*sides[side], opts.max_tokens))
-        print(f"[{time.strftime('%H:%M:%S')}] pair {i + 1}/{opts.pairs}: first token portal "
-              f"{out['portal'][-1]['ttft_s'] * 1000:.1f} ms, direct {out['direct'][-1]['ttft_s'] * 1000:.1f} ms",
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            out[name].append(one_chat(*sides[name], opts.max_tokens))
+        print(f"[{time.strftime('%H:%M:%S')}] round {i + 1}/{opts.pairs}: first token "
+              + ", ".join(f"{name} {out[name][-1]['ttft_s'] * 1000:.1f} ms" for name in names),
               file=sys.stderr, flush=True)  # stdout carries the figures
     print(json.dumps(out))
 
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cutoff-len", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300, help="the training, s")
     p.add_argument("--keep", action="store_true", help="keep the temp data root")
+    p.add_argument("--parts", action="store_true",
+                   help="also an ideal proxy as a third side, and where the portal's milliseconds go (_chat_parts.py)")
     p.add_argument("--clients", action="store_true", help=argparse.SUPPRESS)  # the clients' own process
     opts = p.parse_args(argv)
     if opts.clients:
@@ -167,7 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = f"run-{run.id}"
 
             app = create_app(services, supervise=False)  # auth mode none: the local admin may chat with any run
-            with C.Served(app) as served:
+            if opts.parts:
+                import _chat_parts as P
+
+                portal_marks, ideal_marks = P.Marks(), P.Marks()
+                P.mark_upstream(portal_marks)
+                app = portal_marks.wrap(app)
+            with C.Served(app) as served, contextlib.ExitStack() as stack:
                 via_portal = OpenAI(base_url=served.url + "/v1", api_key="unused-on-loopback", max_retries=0)
                 listed = [m.id for m in via_portal.models.list().data]
                 if model not in listed:
@@ -180,8 +193,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 info = services.chat.local_servers.info(run.id)
                 endpoint = services.chat.local_servers.ensure(run)  # the running one: its URL, name and key
 
+                sides = {"portal": (served.url + "/v1", model, "unused-on-loopback"),
+                         "direct": (endpoint.base_url, endpoint.model_name, endpoint.api_key or "none")}
+                if opts.parts:
+                    ideal = stack.enter_context(C.Served(ideal_marks.wrap(P.ideal_proxy(endpoint.base_url))))
+                    sides["ideal"] = (ideal.url + "/v1", endpoint.model_name, endpoint.api_key or "none")
                 with C.CpuMeter(job_pid=info.pid) as cpu:  # the server's CPU apart from other processes'
-                    measured = run_clients(opts, served.url + "/v1", model, endpoint)
+                    measured = run_clients(opts, sides)
                 portal, direct = measured["portal"], measured["direct"]
                 C.log("in this process: the same answers through ChatService.stream_run")
                 for _ in range(opts.warmup):
@@ -222,6 +240,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{cpu.children_cpu_s:.2f} s, "
           f"the run's server {cpu.job_cpu_s:.2f} s; other processes took {others_cores:.2f} cores "
           f"(load average {cpu.load_before:.1f} -> {cpu.load_after:.1f})")
+    breakdown: dict[str, Any] = {}
+    if opts.parts:
+        i_ttft = summary(ms(measured["ideal"], "ttft_s"))
+        print(f"  ideal proxy first token (ms, --parts): median {i_ttft['median']:.1f}, p95 {i_ttft['p95']:.1f}, "
+              f"min {i_ttft['min']:.1f}, max {i_ttft['max']:.1f}")
+        breakdown = {"ideal_ttft_ms": i_ttft,
+                     "portal_parts_ms": P.parts(portal, portal_marks, P.PORTAL_STEPS),
+                     "ideal_parts_ms": P.parts(measured["ideal"], ideal_marks, P.IDEAL_STEPS)}
+        for side in ("portal", "ideal"):
+            print(f"  {side}: where the first token's time goes (median, min; ms)")
+            for label, values in breakdown[f"{side}_parts_ms"].items():
+                if values:
+                    print(f"    {label:75s} {C.median(values):7.2f} {min(values):7.2f}")
     print(C.budget_line("ratio median(portal)/median(direct) TTFT", f"{ratio:.3f}", f"<= {BUDGET_RATIO}", ok))
     print(f"  (wall time of this benchmark: {total:.0f} s, of which training {train_s:.0f} s)")
 
@@ -233,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": ratio, "budget_ratio": BUDGET_RATIO, "ok": ok,
         "median_pair_ratio": C.median(pair_ratios), "median_added_ms": C.median(added),
         "other_processes_cores": others_cores, "pairs_wall_s": cpu.wall_s, **cpu.as_dict(), "wall_s": total,
+        **breakdown,
     }
     path = C.write_result(NAME, result)
     print(f"  results: {os.path.relpath(path, C.ROOT)}")

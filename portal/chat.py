@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,17 +180,39 @@ class ChatService:
     def stream_run(self, user: User, run_id: int, messages: Sequence[Message], *, base: bool = False,
                    **params: Any) -> Iterator[str]:
         """Stream an answer of a run (``base``: of its base model without the adapter)."""
-        run = self._chat_run(user, run_id)  # another user's run: NotFound, audited
-        if self._on_endpoint(run):
+        run, on_endpoint = self._run_target(user, run_id, base)
+        if on_endpoint:
             if base:
                 return self.endpoint.stream_model(self.endpoint.base_model_for(run), messages, **params)
-            if run.id not in self.endpoint.loaded():
-                self.runs.audit(user.username, "chat_load", f"run:{run.id}", "adapter loaded into the inference endpoint")
             return self.endpoint.stream_chat(run, messages, **params)
-        servers = self.local_servers
-        if not base and servers.info(run.id) is None:
+        return self.local_servers.stream_chat(run, messages, base=base, **params)
+
+    def open_stream(self, user: User, model: str, messages: Sequence[Message], **params: Any) -> AsyncIterator[str]:
+        """``stream`` for the /v1 gateway: everything that may block (the rows, a server start, an
+        adapter load, the endpoint's model list) happens in this call, so call it in a worker
+        thread; the returned iterator streams the answer on the event loop, where no thread waits
+        for its pieces. Its first item is "" once the model's server took the request: a failure
+        before it is the request's. Raises like ``stream``."""
+        match = RUN_MODEL.match(model or "")
+        if match:
+            run, on_endpoint = self._run_target(user, int(match.group(1)), base=False)
+            if on_endpoint:
+                return self.endpoint.open_stream(run, messages, **params)
+            return self.local_servers.open_stream(run, messages, **params)
+        if model in self.served_models():
+            return self.endpoint.open_model_stream(model, messages, **params)
+        raise NotFound(f"model '{model}' is not one of yours: GET /v1/models lists them")
+
+    def _run_target(self, user: User, run_id: int, base: bool) -> tuple[Run, bool]:
+        """The run (another user's: NotFound, audited) and whether it chats through the endpoint
+        (else a local server); a model loaded for the user's chat is audited."""
+        run = self._chat_run(user, run_id)
+        on_endpoint = self._on_endpoint(run)
+        if on_endpoint and not base and run.id not in self.endpoint.loaded():
+            self.runs.audit(user.username, "chat_load", f"run:{run.id}", "adapter loaded into the inference endpoint")
+        if not on_endpoint and not base and self.local_servers.info(run.id) is None:
             self.runs.audit(user.username, "chat_load", f"run:{run.id}", "model server started for a chat")
-        return servers.stream_chat(run, messages, base=base, **params)
+        return run, on_endpoint
 
     def _chat_run(self, user: User, run_id: int) -> Run:
         """The run as ``get_run`` gives it to this user (another user's run: NotFound, audited),

@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from . import inference
 from .idle import Reaper, busy
@@ -192,20 +194,59 @@ class InferenceEndpoint:
                         yield piece
                     return
                 except ModelNotLoaded:
-                    if answered or attempt == 2:
+                    if not self._load_again(run, name, answered, attempt):
                         raise
-                    log.warning("inference endpoint %s forgot adapter %s (restarted?): loading it again",
-                                self.base_url, name)
-                    with self._lock:
-                        self._adapters.pop(run.id, None)
 
-    def stream_model(self, model: str, messages: Sequence[inference.Message], **params: Any) -> Iterator[str]:
-        """Stream an answer of a served base model."""
+    def open_stream(self, run: Run, messages: Sequence[inference.Message], **params: Any) -> AsyncIterator[str]:
+        """``stream_chat`` for the event loop: the adapter is loaded here (a blocking request: call
+        this in a worker thread), the returned iterator streams on the loop; its first item is ""
+        once the endpoint took the request (``inference.astream_chat``)."""
+        return self._astream(run, self.ensure_adapter(run), messages, params)
+
+    async def _astream(self, run: Run, name: str, messages: Sequence[inference.Message],
+                       params: dict[str, Any]) -> AsyncIterator[str]:
+        for attempt in (1, 2):
+            if attempt == 2:
+                name = await anyio.to_thread.run_sync(self.ensure_adapter, run)
+            answered = False
+            with self._in_use(run.id):
+                try:
+                    async for piece in inference.astream_chat(self.base_url, name, messages, api_key=self._api_key,
+                                                              timeout=self.timeout, **params):
+                        answered = answered or bool(piece)
+                        yield piece
+                    return
+                except ModelNotLoaded:
+                    if not self._load_again(run, name, answered, attempt):
+                        raise
+
+    def _load_again(self, run: Run, name: str, answered: bool, attempt: int) -> bool:
+        """The endpoint does not know the adapter (it restarted): True to load it and ask once more,
+        unless text was given out already or this was the second try."""
+        if answered or attempt == 2:
+            return False
+        log.warning("inference endpoint %s forgot adapter %s (restarted?): loading it again", self.base_url, name)
+        with self._lock:
+            self._adapters.pop(run.id, None)
+        return True
+
+    def _check_served(self, model: str) -> None:
         if model not in self.served_models():
             raise EndpointError(f"the inference endpoint does not serve '{model}'; it serves: "
                                 f"{', '.join(self.served_models()) or 'nothing'}")
+
+    def stream_model(self, model: str, messages: Sequence[inference.Message], **params: Any) -> Iterator[str]:
+        """Stream an answer of a served base model."""
+        self._check_served(model)
         yield from inference.stream_chat(self.base_url, model, messages, api_key=self._api_key, timeout=self.timeout,
                                          **params)
+
+    def open_model_stream(self, model: str, messages: Sequence[inference.Message],
+                          **params: Any) -> AsyncIterator[str]:
+        """``stream_model`` for the event loop (the model list is read here: call it in a worker thread)."""
+        self._check_served(model)
+        return inference.astream_chat(self.base_url, model, messages, api_key=self._api_key, timeout=self.timeout,
+                                      **params)
 
     def unload(self, run_id: int) -> bool:
         with self._lock:

@@ -72,16 +72,15 @@ def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) 
                       "max_tokens": int(_number(body, "max_tokens", 512, 1, 8192))}
         except ValueError as err:
             return _error(400, str(err))
-        def start():
-            stream = chat.stream(user, model, messages, **params)
-            return stream, next(stream, None)
-
         try:
-            # the first token may wait for the run's server to start: off the event loop, in one
-            # hop (each costs time to first token); errors before it become an HTTP error
-            stream, first = await run_in_threadpool(start)
+            # what may block (the rows, a server start, an adapter load) in one worker thread; the
+            # answer then streams on the event loop, where no thread waits for its pieces
+            stream = await run_in_threadpool(chat.open_stream, user, model, messages, **params)
+            await anext(stream)  # "" once the server took the request: a failure before it is this request's
         except NotFound:
             return _error(404, f"model '{model}' is not one of yours: GET /v1/models lists them", "not_found_error")
+        except StopAsyncIteration:
+            return _error(503, "the model server ended the answer before it began", "server_error")
         except (PortalError, InferenceError) as err:
             return _error(503, str(err), "server_error")
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -89,7 +88,7 @@ def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) 
 
         if not body.get("stream"):
             try:
-                text = "".join([first or "", *await run_in_threadpool(list, stream)])
+                text = "".join([piece async for piece in stream])
             except InferenceError as err:
                 return _error(503, str(err), "server_error")
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
@@ -102,15 +101,19 @@ def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) 
                                                                        "finish_reason": finish}]}) + "\n\n"
 
         async def events():
-            # the role and the first text at once, on the event loop: the first token waits for no
-            # thread; the later pieces come from the sync stream one thread hop each
-            yield chunk({"role": "assistant", "content": ""}) + (chunk({"content": first}) if first else "")
+            # the role at once: the client reads it while the model works on its first token
+            yield chunk({"role": "assistant", "content": ""})
             try:
-                while (delta := await run_in_threadpool(next, stream, None)) is not None:
-                    yield chunk({"content": delta})
+                async for delta in stream:
+                    if delta:
+                        yield chunk({"content": delta})
             except InferenceError as err:  # mid-answer: the client gets the reason, not a silent end
                 yield "data: " + json.dumps({"error": {"message": str(err), "type": "server_error"}}) + "\n\n"
                 return
+            finally:
+                # a client gone mid-answer: the server's stream is closed now, and the model is
+                # free (not busy) again, instead of whenever the generator is collected
+                await stream.aclose()
             yield chunk({}, "stop")
             yield "data: [DONE]\n\n"
 

@@ -8,12 +8,15 @@ API key goes in the Authorization header only: never into a message, an exceptio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+import anyio
 import httpx
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,11 @@ class ModelNotLoaded(InferenceError):
     the adapters loaded at run time, which the caller may load again."""
 
 
+_LIMITS = httpx.Limits(max_keepalive_connections=20, max_connections=100)
 _client: httpx.Client | None = None
 _client_lock = threading.Lock()
+# an async client's connections belong to the event loop that opened them: one client per loop
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 
 
 def _http() -> httpx.Client:
@@ -51,8 +57,24 @@ def _http() -> httpx.Client:
     global _client
     with _client_lock:
         if _client is None:
-            _client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=20, max_connections=100))
+            _client = httpx.Client(limits=_LIMITS)
         return _client
+
+
+def _ahttp() -> httpx.AsyncClient:
+    """The pooled async client of the running event loop (the portal's: uvicorn runs one)."""
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
+    if client is None:
+        client = _async_clients[loop] = httpx.AsyncClient(limits=_LIMITS)
+    return client
+
+
+async def aclose_http() -> None:
+    """Close the running event loop's async client and its connections (the portal's shutdown)."""
+    client = _async_clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -164,6 +186,31 @@ def _request_body(model: str, messages: Sequence[Message], temperature: float, t
             "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stream": stream}
 
 
+def _piece(line: str, api_key: str | None) -> str | None:
+    """The answer's text in one line of the server's SSE stream ("" for none); None at its [DONE]."""
+    if not line.startswith("data:"):
+        return ""  # SSE comments, event names, keep-alives, blank separators
+    data = line[len("data:"):].strip()
+    if data == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise InferenceError("the model server sent a malformed piece of the answer") from None
+    if not isinstance(chunk, dict):
+        raise InferenceError("the model server sent a malformed piece of the answer")
+    if chunk.get("error"):  # vLLM reports late failures in-stream
+        error = chunk["error"]
+        text = error.get("message") if isinstance(error, dict) else str(error)
+        raise InferenceError(f"the model server failed while answering: {_scrub(str(text), api_key)}")
+    return "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices") or []
+                   if isinstance(choice, dict))
+
+
+UNFINISHED = ("the model server stopped in the middle of the answer (it ended without finishing); "
+              "send the message again — the server is restarted if it went down")
+
+
 def stream_chat(base_url: str, model: str, messages: Sequence[Message], *, temperature: float = 0.7,
                 top_p: float = 0.9, max_tokens: int = 512, api_key: str | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> Iterator[str]:
@@ -178,33 +225,50 @@ def stream_chat(base_url: str, model: str, messages: Sequence[Message], *, tempe
     answering = False
     try:
         with _http().stream("POST", _url(base_url, "/chat/completions"), json=body, headers=_headers(api_key),
-                          timeout=_timeout(timeout)) as response:
+                            timeout=_timeout(timeout)) as response:
             if response.status_code != 200:
                 response.read()
                 raise _status_error(response, base_url, model, api_key, timeout)
             answering = True
             for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue  # SSE comments, event names, keep-alives, blank separators
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
+                piece = _piece(line, api_key)
+                if piece is None:
                     return
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise InferenceError("the model server sent a malformed piece of the answer") from None
-                if isinstance(chunk, dict) and chunk.get("error"):  # vLLM reports late failures in-stream
-                    error = chunk["error"]
-                    text = error.get("message") if isinstance(error, dict) else str(error)
-                    raise InferenceError(f"the model server failed while answering: {_scrub(str(text), api_key)}")
-                for choice in chunk.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        yield delta
+                if piece:
+                    yield piece
     except httpx.HTTPError as err:
         raise _transport_error(err, base_url, timeout, during_answer=answering) from None
-    raise InferenceError("the model server stopped in the middle of the answer (it ended without finishing); "
-                         "send the message again — the server is restarted if it went down")
+    raise InferenceError(UNFINISHED)
+
+
+async def astream_chat(base_url: str, model: str, messages: Sequence[Message], *, temperature: float = 0.7,
+                       top_p: float = 0.9, max_tokens: int = 512, api_key: str | None = None,
+                       timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[str]:
+    """``stream_chat`` on the running event loop (the /v1 gateway): no worker thread waits for
+    the pieces. It yields "" first, as soon as the server has taken the request (HTTP 200), so a
+    caller can start its own answer before the first token; a failure before that "" is the
+    request's (a status to send back), one after it happened mid-answer."""
+    body = _request_body(model, messages, temperature, top_p, max_tokens, stream=True)
+    log.debug("streamed chat (async): %s model=%s messages=%d", base_url, model, len(messages))
+    answering = False
+    try:
+        async with _ahttp().stream("POST", _url(base_url, "/chat/completions"), json=body,
+                                   headers=_headers(api_key), timeout=_timeout(timeout)) as response:
+            if response.status_code != 200:
+                await response.aread()
+                # off the loop: a 404 asks the server what it serves (a blocking request)
+                raise await anyio.to_thread.run_sync(_status_error, response, base_url, model, api_key, timeout)
+            answering = True
+            yield ""
+            async for line in response.aiter_lines():
+                piece = _piece(line, api_key)
+                if piece is None:
+                    return
+                if piece:
+                    yield piece
+    except httpx.HTTPError as err:
+        raise _transport_error(err, base_url, timeout, during_answer=answering) from None
+    raise InferenceError(UNFINISHED)
 
 
 def chat(base_url: str, model: str, messages: Sequence[Message], *, temperature: float = 0.7, top_p: float = 0.9,

@@ -24,12 +24,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psutil
 import yaml
@@ -317,15 +318,53 @@ class LocalChatServers:
                         answered = True
                         yield piece
                 except inference.InferenceError as err:
-                    if server is not None:
-                        server.answered_at = 0.0  # not trusted any more: the next use asks it first
-                    if answered or attempt == 2 or not isinstance(err, inference.ServerGone):
-                        raise
-                    log.warning("chat server %s did not take the message; checking it and trying once more", key)
-                    continue
+                    if self._again_after(server, err, answered, attempt):
+                        continue
+                    raise
                 if server is not None:
                     server.answered_at = time.monotonic()
                 return
+
+    def open_stream(self, run: Run, messages: Sequence[inference.Message], *, template: str | None = None,
+                    base: bool = False, **params: Any) -> AsyncIterator[str]:
+        """``stream_chat`` for the event loop: the server is ensured here (this may start it: call
+        this in a worker thread), and the returned iterator streams on the loop. Its first item is
+        "" once the server took the request (``inference.astream_chat``)."""
+        return self._astream(run, self._ensure(run, template, base), messages, template, base, params)
+
+    async def _astream(self, run: Run, ready: tuple[str, Endpoint], messages: Sequence[inference.Message],
+                       template: str | None, base: bool, params: dict[str, Any]) -> AsyncIterator[str]:
+        for attempt in (1, 2):
+            if attempt == 2:
+                ready = await anyio.to_thread.run_sync(self._ensure, run, template, base)
+            key, endpoint = ready
+            answered = False
+            with self._in_use(key) as server:
+                try:
+                    async for piece in inference.astream_chat(endpoint.base_url, endpoint.model_name, messages,
+                                                              api_key=endpoint.api_key, **params):
+                        answered = answered or bool(piece)
+                        yield piece
+                except inference.InferenceError as err:
+                    if self._again_after(server, err, answered, attempt):
+                        continue
+                    raise
+                if server is not None:
+                    server.answered_at = time.monotonic()
+                return
+
+    @staticmethod
+    def _again_after(server: _Server | None, err: inference.InferenceError, answered: bool, attempt: int) -> bool:
+        """After a failed answer the server is not trusted any more (the next use asks it first).
+        True: send the message once more, to a checked or new server, because this one took
+        nothing (it is gone); never after text was given out."""
+        if server is not None:
+            server.answered_at = 0.0
+        if answered or attempt == 2 or not isinstance(err, inference.ServerGone):
+            return False
+        log.warning("chat server %s did not take the message; checking it and trying once more",
+                    server.key if server is not None else "?")
+        return True
 
     def stop(self, run_id: int) -> bool:
         """Stop the run's server (after its start, if one is under way); False when none was running."""

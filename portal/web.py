@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
 from . import __version__
+from .inference import aclose_http
 from .models import User
 from .ratelimit import RateLimits, too_many
 from .request_context import client_address
@@ -222,6 +223,7 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
         yield
         # jobs are never stopped here: local ones and Kubernetes Jobs outlive the portal
         services.chat.close()  # no model server outlives the portal, no adapter stays loaded
+        await aclose_http()  # the gateway's connections to model servers
         if supervise:
             runs.stop_supervisor()
 

@@ -62,6 +62,33 @@ def test_gateway_speaks_openai(chat_portal):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_a_client_that_leaves_mid_answer_frees_the_model(chat_portal):
+    """The gateway streams on the event loop; a client gone mid-answer closes the portal's stream
+    to the server at once, so the server is no longer counted busy (it may be stopped when idle,
+    or make room) and the next message is answered."""
+    import time
+
+    import httpx
+
+    servers, run = chat_portal["services"].chat.local_servers, chat_portal["run"]
+    request = {"model": f"run-{run.id}", "stream": True, "max_tokens": 3000, "temperature": 0, "top_p": 1.0,
+               "messages": [{"role": "user", "content": "Tell a long story."}]}
+    with httpx.Client(base_url=chat_portal["url"], timeout=120) as client:
+        with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert '"role": "assistant"' in next(line for line in lines if line.startswith("data:"))
+            assert '"content": "' in next(line for line in lines if line.startswith("data:"))  # the first token
+            assert servers.info(run.id).busy == 1
+            left = time.monotonic()
+        # freed when the client left, not when the answer would have ended (3000 tokens: ~6 s here)
+        while servers.info(run.id).busy and time.monotonic() < left + 1.0:
+            time.sleep(0.02)
+        assert servers.info(run.id).busy == 0, f"still answering {time.monotonic() - left:.1f} s after the client left"
+        again = client.post("/v1/chat/completions", json={**request, "stream": False, "max_tokens": 4})
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.browser
 def test_chat_tab_streams_an_answer(chat_portal):
     from playwright.sync_api import expect, sync_playwright
@@ -85,6 +112,64 @@ def test_chat_tab_streams_an_answer(chat_portal):
             page.screenshot(path=str(ARTIFACTS / "chat-tab.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_the_gateway_starts_a_server_killed_between_two_messages_again(chat_portal):
+    """Killed as the OOM killer would, between two messages to a server the portal trusts without
+    asking (it answered a moment ago): the next message through the gateway gets an answer from a
+    new server, not an error (found dead when routed, or refused at connect and asked once more:
+    the test below)."""
+    import time
+
+    import psutil
+    from openai import OpenAI
+
+    servers, run = chat_portal["services"].chat.local_servers, chat_portal["run"]
+    client = OpenAI(base_url=chat_portal["url"] + "/v1", api_key="unused-on-loopback", max_retries=0)
+
+    def ask() -> str:
+        stream = client.chat.completions.create(model=f"run-{run.id}", stream=True, max_tokens=4,
+                                                messages=[{"role": "user", "content": "hi"}])
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert ask()
+    leader = psutil.Process(servers.info(run.id).pid)
+    for child in leader.children():
+        child.kill()
+    deadline = time.monotonic() + 10
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in leader.children()):
+        assert time.monotonic() < deadline, "the killed server did not go"
+        time.sleep(0.1)
+    assert ask()
+    assert servers.info(run.id).pid != leader.pid
+
+
+def test_the_async_stream_asks_once_more_when_the_server_took_nothing(chat_portal, monkeypatch):
+    """The gateway's stream (LocalChatServers.open_stream) handed a server that refuses the
+    connection: it routes again (one more _ensure, in a worker thread) and answers from there."""
+    import asyncio
+
+    from portal.serving import Endpoint
+
+    servers, run = chat_portal["services"].chat.local_servers, chat_portal["run"]
+    key, live = servers._ensure(run, None, False)
+    gone = Endpoint(f"http://127.0.0.1:{free_port()}/v1", live.model_name, live.api_key)  # nothing listens
+    routed = []
+    real_ensure = servers._ensure
+
+    def ensure(*args):
+        routed.append(args)
+        return real_ensure(*args)
+
+    monkeypatch.setattr(servers, "_ensure", ensure)
+
+    async def read() -> list[str]:
+        return [piece async for piece in servers._astream(run, (key, gone), [{"role": "user", "content": "hi"}],
+                                                          None, False, {"max_tokens": 4})]
+
+    pieces = asyncio.run(read())
+    assert pieces[0] == "" and "".join(pieces)  # "": the live server took the request
+    assert len(routed) == 1
 
 
 def test_unload_stops_the_runs_server_and_only_for_its_owner(chat_portal):

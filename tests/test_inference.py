@@ -9,6 +9,7 @@ gibberish: the tests check that text arrives, not what it says.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-from portal.inference import InferenceError, chat, list_models, stream_chat
+from portal.inference import InferenceError, astream_chat, chat, list_models, stream_chat
 from portal.serving import SERVER_LOG, START_MARKER, ChatServerError, LocalChatServers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -412,3 +413,31 @@ def test_cut_stream_and_timeout(vllm_like):
         next(answer)
     with pytest.raises(InferenceError, match="did not answer within 1 s"):
         chat(vllm_like, "run-1", [{"role": "user", "content": "slow"}], timeout=1)
+
+
+def test_the_async_stream_says_when_the_server_took_the_request_and_reads_the_same_errors(vllm_like):
+    """The /v1 gateway streams with astream_chat on its event loop: the same messages as stream_chat,
+    and "" first once the server answered 200 (the gateway's cue to send the role before the first token)."""
+
+    def collect(base_url, model, messages, got=None, **kwargs):
+        got = [] if got is None else got
+
+        async def read():
+            async for piece in astream_chat(base_url, model, messages, **kwargs):
+                got.append(piece)
+
+        asyncio.run(read())
+        return got
+
+    with pytest.raises(InferenceError, match=r"model 'run-7' is not loaded on this server \(it serves: run-1\)"):
+        collect(vllm_like, "run-7", QUESTION)
+    with pytest.raises(InferenceError, match="longer than the model's context: clear it or shorten"):
+        collect(vllm_like, "run-1", QUESTION)
+    got: list[str] = []
+    with pytest.raises(InferenceError, match="stopped in the middle of the answer"):
+        collect(vllm_like, "run-1", [{"role": "user", "content": "half"}], got)
+    assert got == ["", "Hel", "lo"]
+    with pytest.raises(InferenceError, match="did not answer within 1 s"):
+        collect(vllm_like, "run-1", [{"role": "user", "content": "slow"}], timeout=1)
+    with pytest.raises(InferenceError, match="the model server is not running"):
+        collect(f"http://127.0.0.1:{free_port()}/v1", "run-1", QUESTION, api_key="secret-key")
