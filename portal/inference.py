@@ -230,12 +230,14 @@ def stream_chat(base_url: str, model: str, messages: Sequence[Message], *, tempe
                 response.read()
                 raise _status_error(response, base_url, model, api_key, timeout)
             answering = True
+            done = False
             for line in response.iter_lines():
-                piece = _piece(line, api_key)
-                if piece is None:
-                    return
+                piece = "" if done else _piece(line, api_key)
+                done = done or piece is None  # then read on to the body's end: the connection goes back to the pool
                 if piece:
                     yield piece
+            if done:
+                return
     except httpx.HTTPError as err:
         raise _transport_error(err, base_url, timeout, during_answer=answering) from None
     raise InferenceError(UNFINISHED)
@@ -260,12 +262,14 @@ async def astream_chat(base_url: str, model: str, messages: Sequence[Message], *
                 raise await anyio.to_thread.run_sync(_status_error, response, base_url, model, api_key, timeout)
             answering = True
             yield ""
+            done = False
             async for line in response.aiter_lines():
-                piece = _piece(line, api_key)
-                if piece is None:
-                    return
+                piece = "" if done else _piece(line, api_key)
+                done = done or piece is None  # then read on to the body's end: the connection goes back to the pool
                 if piece:
                     yield piece
+            if done:
+                return
     except httpx.HTTPError as err:
         raise _transport_error(err, base_url, timeout, during_answer=answering) from None
     raise InferenceError(UNFINISHED)

@@ -135,6 +135,40 @@ def test_streamed_multi_turn_chat(served):
     print(f"\ntime to first token (CPU, tiny model): {first_token_at * 1000:.0f} ms")
 
 
+def test_a_finished_answer_leaves_its_connection_for_the_next_message(served):
+    """The client reads on past [DONE] to the body's end, so the connection goes back to the pool:
+    the next message reuses it instead of opening a new one (sync client, then the gateway's async one)."""
+    from portal.inference import aclose_http
+
+    endpoint = served["endpoints"][0]
+    port = int(endpoint.base_url.split(":")[2].split("/")[0])
+
+    def open_to_server() -> set[int]:
+        return {c.laddr.port for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+
+    def answer() -> str:
+        return "".join(stream_chat(endpoint.base_url, endpoint.model_name, QUESTION, max_tokens=4,
+                                   api_key=endpoint.api_key))
+
+    assert answer()
+    kept = open_to_server()
+    assert kept, "the finished answer's connection was closed"
+    assert answer() and open_to_server() == kept
+
+    async def answers_async() -> tuple[set[int], set[int]]:
+        seen = []
+        for _ in range(2):
+            assert "".join([p async for p in astream_chat(endpoint.base_url, endpoint.model_name, QUESTION,
+                                                          max_tokens=4, api_key=endpoint.api_key)])
+            seen.append(open_to_server())
+        await aclose_http()
+        return seen[0], seen[1]
+
+    first, second = asyncio.run(answers_async())
+    assert len(first - kept) == 1 and second == first
+
+
 def test_plain_chat_and_reuse(served, servers):
     run, endpoint = served["run"], served["endpoints"][0]
     pid = servers.info(run.id).pid
