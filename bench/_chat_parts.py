@@ -3,9 +3,12 @@
 Timestamps (``time.perf_counter_ns``, CLOCK_MONOTONIC: one clock for every process of the
 machine) are taken at these points:
 
-* in the clients' process: the call and the first content chunk;
+* in the clients' process: the call, the response's headers (HTTP 200: ``create()`` returns) and
+  the first content chunk;
 * in the portal's ASGI stack, outermost: the request's arrival and the write of the first body that
   carries content;
+* around the gateway's routing (``ChatService.open_stream_now``, else ``open_stream`` in a worker
+  thread): its start and end;
 * around ``portal.inference.astream_chat`` (the gateway's stream to the run's server): its call, the
   server's HTTP 200 (the "" it yields first) and the first piece of text.
 
@@ -51,9 +54,26 @@ class Marks:
 
 
 def mark_upstream(marks: Marks) -> None:
-    """Mark the gateway's calls of ``astream_chat``: call, HTTP 200 (the first ""), first text."""
+    """Mark the gateway's routing (``ChatService.open_stream_now``, else ``open_stream``: start
+    and end) and its calls of ``astream_chat``: call, HTTP 200 (the first ""), first text."""
     from portal import inference
+    from portal.chat import ChatService
 
+    real_now, real_open = ChatService.open_stream_now, ChatService.open_stream
+
+    def open_now(self, *args: Any, **kwargs: Any):
+        marks.mark("routing")
+        stream = real_now(self, *args, **kwargs)
+        if stream is not None:
+            marks.mark("routed")
+        return stream
+
+    def open_in_thread(self, *args: Any, **kwargs: Any):
+        stream = real_open(self, *args, **kwargs)
+        marks.mark("routed")
+        return stream
+
+    ChatService.open_stream_now, ChatService.open_stream = open_now, open_in_thread
     real = inference.astream_chat
 
     async def marked(*args: Any, **kwargs: Any):
@@ -96,28 +116,42 @@ def _ms(ns: float) -> float:
     return ns / 1e6
 
 
+def client_parts(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The client's own marks alone (the direct side has no other): call -> HTTP 200 -> first text."""
+    names = {"client_call": "t0_ns", "client_accepted": "accepted_ns", "client_first": "first_ns"}
+    return {label: [_ms(row[names[end]] - row[names[start]]) for row in rows] for label, start, end in CLIENT_STEPS}
+
+
 def parts(rows: list[dict[str, Any]], marks: Marks, steps: list[tuple[str, str, str]]) -> dict[str, list[float]]:
     """Per step (label, from mark, to mark): the milliseconds of each request. The client's marks
     are ``client_call`` and ``client_first``; the side's ASGI marks follow them request by request."""
     out: dict[str, list[float]] = {label: [] for label, _, _ in steps}
     for row, side in zip(rows, marks.rows[-len(rows):], strict=True):  # the last ones: after the warm-up
-        points = {"client_call": row["t0_ns"], "client_first": row["first_ns"], **side}
+        points = {"client_call": row["t0_ns"], "client_accepted": row["accepted_ns"], "client_first": row["first_ns"],
+                  **side}
         for label, start, end in steps:
             if start in points and end in points:
                 out[label].append(_ms(points[end] - points[start]))
     return out
 
 
-PORTAL_STEPS = [
+CLIENT_STEPS = [
+    ("client call -> the client has the HTTP 200", "client_call", "client_accepted"),
+    ("the client has the HTTP 200 -> the client has the first text", "client_accepted", "client_first"),
+]
+PORTAL_STEPS = CLIENT_STEPS + [
     ("client call -> arrival in the portal", "client_call", "arrived"),
     ("arrival -> call of the run's server (login, body, row, route, thread hop)", "arrived", "upstream_call"),
+    ("  arrival -> routing starts (middleware, login, body checks)", "arrived", "routing"),
+    ("  routing (the run's row, the adapter, the server; a thread hop if needed)", "routing", "routed"),
+    ("  routed -> the call (the stream starts)", "routed", "upstream_call"),
     ("call -> the server's HTTP 200", "upstream_call", "accepted"),
     ("HTTP 200 -> the server's first piece", "accepted", "first_piece"),
     ("first piece -> the portal's write of it", "first_piece", "first_write"),
     ("write -> the client has it", "first_write", "client_first"),
     ("arrival -> first write (all the portal's time)", "arrived", "first_write"),
 ]
-IDEAL_STEPS = [
+IDEAL_STEPS = CLIENT_STEPS + [
     ("client call -> arrival in the proxy", "client_call", "arrived"),
     ("arrival -> first write (all the proxy's time)", "arrived", "first_write"),
     ("write -> the client has it", "first_write", "client_first"),

@@ -16,8 +16,6 @@ import logging
 import queue
 import re
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 from .endpoint import InferenceEndpoint
 from .inference import InferenceError, Message
 from .models import Run, User
+from .recent import Recent
 from .run_query import RunQuery
 from .runs import NotFound, PortalError, RunService
 
@@ -70,8 +69,8 @@ class ChatService:
         self.endpoint = endpoint if endpoint is not None else make_endpoint(runs)
         self._local = None
         self._lock = threading.Lock()
-        # (user id, admin?, run id) -> (time.monotonic() of the read, the run): see CHAT_RUN_SECONDS
-        self._chat_runs: OrderedDict[tuple[int, bool, int], tuple[float, Run]] = OrderedDict()
+        # (user id, admin?, run id) -> the run as get_run gave it: see CHAT_RUN_SECONDS
+        self._chat_runs: Recent[tuple[int, bool, int], Run] = Recent(CHAT_RUN_SECONDS, CHAT_RUNS_KEPT)
 
     # ---- where models run ---------------------------------------------------------------------
     @property
@@ -203,6 +202,22 @@ class ChatService:
             return self.endpoint.open_model_stream(model, messages, **params)
         raise NotFound(f"model '{model}' is not one of yours: GET /v1/models lists them")
 
+    def open_stream_now(self, user: User, model: str, messages: Sequence[Message],
+                        **params: Any) -> AsyncIterator[str] | None:
+        """``open_stream`` without a worker thread, for the common case of a chat in progress on
+        this machine: the run was read for this user a moment ago, no inference endpoint is
+        configured, and the run's server is up and answered a moment ago. None when anything has
+        to be read, asked or started first: then call ``open_stream`` in a worker thread
+        (decision 0026). What touches the disk here is one stat of the adapter's config."""
+        match = RUN_MODEL.match(model or "")
+        if not match or self.endpoint is not None or self._local is None \
+                or getattr(self.runs.launcher, "on_cluster", False):
+            return None
+        run = self._chat_runs.get((user.id, bool(user.is_admin), int(match.group(1))))
+        if run is None:
+            return None
+        return self._local.open_stream_now(run, messages, **params)
+
     def _run_target(self, user: User, run_id: int, base: bool) -> tuple[Run, bool]:
         """The run (another user's: NotFound, audited) and whether it chats through the endpoint
         (else a local server); a model loaded for the user's chat is audited."""
@@ -220,18 +235,14 @@ class ChatService:
         cannot chat (still training, say) is not kept: it is read again at the next message."""
         from .serving import check_servable
 
-        key, now = (user.id, bool(user.is_admin), run_id), time.monotonic()
-        with self._lock:
-            seen = self._chat_runs.get(key)
-        fresh = seen is not None and now - seen[0] < CHAT_RUN_SECONDS
-        run = seen[1] if fresh else self.runs.get_run(user, run_id, purpose="chat")
+        key = (user.id, bool(user.is_admin), run_id)
+        run = self._chat_runs.get(key)
+        if run is not None:
+            check_servable(run)
+            return run
+        run = self.runs.get_run(user, run_id, purpose="chat")
         check_servable(run)
-        if not fresh:
-            with self._lock:
-                self._chat_runs[key] = (now, run)
-                self._chat_runs.move_to_end(key)
-                while len(self._chat_runs) > CHAT_RUNS_KEPT:
-                    self._chat_runs.popitem(last=False)
+        self._chat_runs.put(key, run)
         return run
 
     def release(self, user: User, model: str) -> str:

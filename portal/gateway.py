@@ -73,9 +73,10 @@ def build_gateway(chat: ChatService, user_of: Callable[[Request], User | None]) 
         except ValueError as err:
             return _error(400, str(err))
         try:
-            # what may block (the rows, a server start, an adapter load) in one worker thread; the
-            # answer then streams on the event loop, where no thread waits for its pieces
-            stream = await run_in_threadpool(chat.open_stream, user, model, messages, **params)
+            # a chat in progress goes on at once; what may block (the rows, a server start, an adapter
+            # load) runs in one worker thread. The answer streams on the event loop either way.
+            stream = chat.open_stream_now(user, model, messages, **params) \
+                or await run_in_threadpool(chat.open_stream, user, model, messages, **params)
             await anext(stream)  # "" once the server took the request: a failure before it is this request's
         except NotFound:
             return _error(404, f"model '{model}' is not one of yours: GET /v1/models lists them", "not_found_error")

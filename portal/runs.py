@@ -33,6 +33,7 @@ from .db import Database
 from .launchers import JobSpec, Launcher, LaunchError, PollResult
 from .models import AuditEvent, Run, RunEvent, RunStatus, User, utcnow
 from .policy import EXPORT_DROPPED_KEYS, apply_policy
+from .recent import Recent
 from .request_context import client_address
 from .run_query import RunQuery, count_statement, page_statement
 from .storage import UserSpace, check_name
@@ -44,6 +45,7 @@ ACTIVE = (RunStatus.starting, RunStatus.running)
 CONFIG_FILE = "config.yaml"
 PINNED_DATASETS_DIR = "datasets"  # <run dir>/datasets/dataset_info.json: the dataset versions the run uses
 LOG_FILE = "job.log"
+DENIED_VIEW_SECONDS = 60.0  # a denied view of one run by one user is audited once per this
 MAX_CONFIG_BYTES = 1_000_000  # a config is a few KB; anything near this is a mistake or an attack
 
 
@@ -201,8 +203,8 @@ class RunService:
         self.metrics_cache = MetricsCache(tracker.history, ttl_seconds=settings.metrics_refresh_seconds)
         self._dispatch_lock = threading.Lock()
         self._starting: set[int] = set()  # runs this process is handing to its launcher right now
-        self._denied_seen: dict[tuple[int, int], float] = {}
-        self._users_seen: dict[str, tuple[float, User]] = {}  # user(max_age=...): name -> (read at, row)
+        # (user id, run id) of a denied view audited in the last minute: see _audit_denied
+        self._denied_seen: Recent[tuple[int, int], bool] = Recent(DENIED_VIEW_SECONDS, 4096)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -218,20 +220,11 @@ class RunService:
                 s.refresh(user)
             return user
 
-    def user(self, username: str, *, max_age: float = 0.0) -> User:
-        """The active user of that name; ``max_age`` > 0 takes a row read that many seconds ago or
-        less (the per-request read of the single local user without login: decision 0024)."""
-        now = time.monotonic()
-        seen = self._users_seen.get(username)
-        if seen is not None and now - seen[0] < max_age:
-            return seen[1]
+    def user(self, username: str) -> User:
         with self.db.session() as s:
             user = s.exec(select(User).where(User.username == username)).first()
         if user is None or not user.is_active:
-            self._users_seen.pop(username, None)
             raise PermissionError(f"unknown or inactive user '{username}'")
-        if max_age > 0:
-            self._users_seen[username] = (now, user)
         return user
 
     def audit(self, username: str, action: str, target: str | None = None, detail: str | None = None,
@@ -437,10 +430,9 @@ class RunService:
         """Every denied change is audited; denied views once per user, run and minute (a page
         left open on a foreign run id refreshes every 2 s and must not flood the log)."""
         if purpose == "view":
-            key, now = (user.id, run.id), time.monotonic()
-            if now - self._denied_seen.get(key, -3600.0) < 60:
+            if self._denied_seen.get((user.id, run.id)):
                 return
-            self._denied_seen[key] = now
+            self._denied_seen.put((user.id, run.id), True)
         self.audit(user.username, "denied", f"run:{run.id}", f"{purpose} of a run of {run.owner}")
 
     def get_run(self, user: User, run_id: int, purpose: str = "view") -> Run:

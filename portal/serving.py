@@ -332,6 +332,24 @@ class LocalChatServers:
         "" once the server took the request (``inference.astream_chat``)."""
         return self._astream(run, self._ensure(run, template, base), messages, template, base, params)
 
+    def open_stream_now(self, run: Run, messages: Sequence[inference.Message],
+                        **params: Any) -> AsyncIterator[str] | None:
+        """``open_stream`` of the run's own server when there is nothing to wait for: it is up,
+        not starting, and answered in the last TRUSTED_SECONDS (or is answering now). Safe on the
+        event loop: it takes only locks held for moments, and starts or asks nothing. None
+        otherwise. A server that died since is found as in ``open_stream``: it takes nothing,
+        and the stream routes once more (in a worker thread)."""
+        check_servable(run)
+        key = run_key(run.id)
+        with self._lock:
+            server = None if self._closed.is_set() or key in self._starting else self._servers.get(key)
+        if server is None or not (server.busy or time.monotonic() - server.answered_at < TRUSTED_SECONDS):
+            return None
+        if not self.launcher.is_alive(server.state):
+            return None
+        server.last_used = time.time()
+        return self._astream(run, (key, server.endpoint), messages, None, False, params)
+
     async def _astream(self, run: Run, ready: tuple[str, Endpoint], messages: Sequence[inference.Message],
                        template: str | None, base: bool, params: dict[str, Any]) -> AsyncIterator[str]:
         for attempt in (1, 2):

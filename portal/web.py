@@ -18,6 +18,7 @@ from . import __version__
 from .inference import aclose_http
 from .models import User
 from .ratelimit import RateLimits, too_many
+from .recent import Recent
 from .request_context import client_address
 from .services import Services
 from .tokens import TOKEN_PREFIX, bearer_token
@@ -265,18 +266,27 @@ def create_app(services: Services, *, supervise: bool = True) -> FastAPI:
             # auth: none: one local user; only ever served on loopback (checked by `serve`).
             return local_user.username
 
+    # without login the one local user is read at most every LOCAL_USER_SECONDS (decision 0024); with
+    # login the guard has put the signed-in user, read for this request, on request.state
+    local_read: Recent[str, User] | None = Recent(LOCAL_USER_SECONDS, 1) if settings.auth_mode == "none" else None
+
     def request_user(request: Request) -> User | None:
         """Who calls /api and /v1: a token's user, else the signed-in (or local) user."""
         user = getattr(request.state, "user", None)
         if user is not None:
             return user
         name = current_username(request)
-        try:
-            # without login the one local user is read at most every LOCAL_USER_SECONDS (decision 0024);
-            # with login the guard has put the signed-in user, read for this request, on request.state
-            return runs.user(name, max_age=LOCAL_USER_SECONDS if settings.auth_mode == "none" else 0.0) if name else None
-        except PermissionError:  # deactivated meanwhile
+        if not name:
             return None
+        user = local_read.get(name) if local_read is not None else None
+        if user is None:
+            try:
+                user = runs.user(name)
+            except PermissionError:  # deactivated meanwhile
+                return None
+            if local_read is not None:
+                local_read.put(name, user)
+        return user
 
     from .api import build_api
     from .gateway import build_gateway

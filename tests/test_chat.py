@@ -191,10 +191,13 @@ def test_chat_reads_a_run_once_per_interval_and_checks_its_adapter_every_message
 
     from portal import chat as chat_module
     from portal.chat import ChatService
+    from portal.recent import Recent
     from portal.serving import ChatServerError
 
     runs, alice, run = trained["services"].runs, trained["user"], trained["run"]
     chat = ChatService(runs)  # its own cache; it starts no server here
+    clock = [0.0]  # the cache's clock, moved by hand
+    chat._chat_runs = Recent(chat_module.CHAT_RUN_SECONDS, chat_module.CHAT_RUNS_KEPT, timer=lambda: clock[0])
     reads: list[tuple[str, int]] = []
     real_get_run = runs.get_run
 
@@ -218,31 +221,93 @@ def test_chat_reads_a_run_once_per_interval_and_checks_its_adapter_every_message
             chat._chat_run(alice, run.id)  # kept, but its adapter is gone: refused at once
     finally:
         moved.rename(adapter)
-    monkeypatch.setattr(chat_module, "CHAT_RUN_SECONDS", 0.0)
+    clock[0] += chat_module.CHAT_RUN_SECONDS - 0.5
+    chat._chat_run(alice, run.id)
+    assert reads.count(("alice", run.id)) == 1
+    clock[0] += 0.5  # the row is CHAT_RUN_SECONDS old: read again
     chat._chat_run(alice, run.id)
     assert reads.count(("alice", run.id)) == 2
 
 
-def test_a_user_read_may_be_reused_only_when_asked_and_never_after_a_refusal(trained):
-    from portal.models import User
+def test_without_login_the_local_user_is_read_once_per_interval(chat_portal, monkeypatch):
+    """auth_mode none: the one local user is not read from the database for every request
+    (decision 0024); the login case reads per request (tests/test_auth.py)."""
+    import httpx
 
-    runs, db = trained["services"].runs, trained["services"].db
-    carl = runs.ensure_user("carl_max_age")
+    runs = chat_portal["services"].runs
+    reads: list[str] = []
+    real_user = runs.user
 
-    def set_active(active: bool) -> None:
-        with db.session() as s:
-            row = s.exec(select(User).where(User.username == "carl_max_age")).one()
-            row.is_active = active
-            s.add(row)
-            s.commit()
+    def counted(name):
+        reads.append(name)
+        return real_user(name)
 
-    assert runs.user("carl_max_age", max_age=60).id == carl.id
-    set_active(False)
-    try:
-        assert runs.user("carl_max_age", max_age=60).id == carl.id  # the read of a moment ago
-        with pytest.raises(PermissionError, match="inactive"):
-            runs.user("carl_max_age")  # the default: read now
-        with pytest.raises(PermissionError, match="inactive"):
-            runs.user("carl_max_age", max_age=60)  # the refused read replaced the kept one
-    finally:
-        set_active(True)
+    monkeypatch.setattr(runs, "user", counted)
+    with httpx.Client(base_url=chat_portal["url"], timeout=30) as client:
+        for _ in range(4):
+            assert client.get("/api/runs").status_code == 200
+    assert len(reads) <= 1, reads  # at most the one read when the kept row had expired
+
+
+def test_a_chat_in_progress_goes_on_without_a_worker_thread(chat_portal, monkeypatch):
+    """Decision 0026: the gateway hands a message to a worker thread only when something must be
+    read, asked or started; the next message of a chat in progress streams at once. Bob's run id,
+    an untrusted server and a missing adapter never take that path."""
+    from pathlib import Path
+
+    import httpx
+
+    chat, run = chat_portal["services"].chat, chat_portal["run"]
+    servers = chat.local_servers
+    routed: list[str] = []
+    real_open = chat.open_stream
+
+    def counted(user, model, messages, **params):
+        routed.append(user.username)
+        return real_open(user, model, messages, **params)
+
+    monkeypatch.setattr(chat, "open_stream", counted)
+    request = {"model": f"run-{run.id}", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+
+    def ask(client: httpx.Client) -> httpx.Response:
+        return client.post("/v1/chat/completions", json=request)
+
+    with httpx.Client(base_url=chat_portal["url"], timeout=120) as client:
+        chat._chat_runs.clear()  # the run's row not read yet: the worker thread reads it
+        first = ask(client)
+        assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"]
+        assert len(routed) == 1
+        second = ask(client)  # row kept, server answered a moment ago: on the event loop
+        assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"]
+        assert len(routed) == 1
+        servers._servers[f"run-{run.id}"].answered_at = 0.0  # not trusted any more: asked first, in the thread
+        assert ask(client).status_code == 200
+        assert len(routed) == 2
+        adapter = Path(run.output_dir) / "adapter_config.json"
+        moved = adapter.with_name("adapter_config.json.moved")
+        adapter.rename(moved)
+        try:
+            gone = ask(client)  # kept and trusted, but the adapter is gone: refused on the fast path too
+        finally:
+            moved.rename(adapter)
+        assert gone.status_code == 503 and "adapter" in gone.json()["error"]["message"]
+        assert len(routed) == 2
+
+
+def test_the_gateway_says_so_when_an_answer_ends_before_it_began(chat_portal, monkeypatch):
+    """A stream that ends before the model server took the request (no ""): 503 with the reason,
+    not a 500. No real server does this; the stream is replaced to reach the branch."""
+    import httpx
+
+    chat, run = chat_portal["services"].chat, chat_portal["run"]
+
+    async def nothing():
+        return
+        yield ""  # noqa: B901 (an async generator that ends at once)
+
+    monkeypatch.setattr(chat, "open_stream_now", lambda *args, **kwargs: nothing())
+    response = httpx.post(chat_portal["url"] + "/v1/chat/completions", timeout=30,
+                          json={"model": f"run-{run.id}", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503
+    assert response.json()["error"] == {"message": "the model server ended the answer before it began",
+                                        "type": "server_error"}

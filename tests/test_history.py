@@ -104,6 +104,40 @@ def test_filters_search_sort_and_paging(make_services, postgres_url, database):
     assert denied and runs.get_run(ann, run_id).note == "Baseline for the Q4 review"
 
 
+def test_a_denied_view_is_audited_once_per_user_run_and_minute(make_services):
+    """A page left open on another user's run refreshes every 2 s: its refusals are audited once a
+    minute, not each time; changes are audited every time."""
+    from portal.recent import Recent
+    from portal.runs import DENIED_VIEW_SECONDS
+
+    services = make_services()
+    seeded = _seed(services)
+    runs, ann, ben = services.runs, seeded["ann"], seeded["ben"]
+    clock = [0.0]
+    runs._denied_seen = Recent(DENIED_VIEW_SECONDS, 4096, timer=lambda: clock[0])
+    theirs, other = seeded["ids"]["ben_lora"], seeded["ids"]["ben_cancelled"]
+
+    def denied() -> list[tuple[str, str]]:
+        with services.db.session() as s:
+            return [(e.target, e.detail) for e in s.exec(select(AuditEvent).where(
+                AuditEvent.username == "ann", AuditEvent.action == "denied")).all()]
+
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            runs.get_run(ann, theirs)
+    with pytest.raises(NotFound):
+        runs.get_run(ann, other)  # another run: audited on its own
+    assert [t for t, _ in denied()] == [f"run:{theirs}", f"run:{other}"]
+    clock[0] += DENIED_VIEW_SECONDS  # a minute on: audited again
+    with pytest.raises(NotFound):
+        runs.get_run(ann, theirs)
+    for _ in range(2):  # a change is audited every time
+        with pytest.raises(NotFound):
+            runs.annotate(ann, theirs, note="mine")
+    assert [t for t, _ in denied()].count(f"run:{theirs}") == 4
+    assert runs.get_run(ben, theirs).owner == "ben"
+
+
 def test_clone_records_its_parent_and_keeps_the_data_versions(make_services, tmp_path):
     from conftest import demo_form, submit_form
 
