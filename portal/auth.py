@@ -113,6 +113,108 @@ def _guard_websockets(app, runs: RunService, idle_s: int, max_s: int):  # noqa: 
     return guard
 
 
+def require_session(app, runs: RunService, idle_s: int, max_s: int, root: str,  # noqa: ANN001 (ASGI)
+                     session_hashes: SessionHashes, uploads: UploadOwners):
+    """Every HTTP request but the public ones needs a live session (or a token, checked before):
+    the signed-in user goes on ``request.state.user``, a page gets a redirect to the login, any
+    other request 401. A Gradio session_hash or an uploaded file of another user is refused.
+
+    Plain ASGI, not ``BaseHTTPMiddleware``: that one adds a task and a memory stream to every
+    request and to every piece of a streamed answer (the /v1 gateway, Gradio's SSE)."""
+
+    async def guard(scope, receive, send):
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        path = route_path(request)
+        if path in PUBLIC_PATHS or getattr(request.state, "token_auth", False):  # a token stands for a session
+            await app(scope, receive, send)
+            return
+        refusal = await _refusal(request, path)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        if request.method == "POST" and "/gradio_api/" in path \
+                and "json" in request.headers.get("content-type", "").lower():
+            receive = _replaying(await request.body(), receive)  # read by the checks: given again downstream
+        if path == UPLOAD_ROUTE and request.method == "POST":
+            send = _recording_uploads(send, uploads, request.state.user.id)
+        await app(scope, receive, send)
+
+    async def _refusal(request: Request, path: str) -> Response | None:
+        session = request.session
+        now = int(time.time())
+        user = _session_user(runs, session, idle_s, max_s)
+        if user is None:
+            session.clear()
+            if request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+                target = path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"{root}/login?" + urlencode({"next": target}), status_code=303)
+            return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
+        if now - int(session.get("seen_at", 0)) > 60:
+            session["seen_at"] = now  # idle clock; written at most once a minute
+        client = request.client.host if request.client else None
+        hash_value = await _session_hash_of(request)
+        if hash_value is not None and not session_hashes.claim(hash_value, user.id):
+            runs.audit(user.username, "denied", "gradio_session", "another user's Gradio session_hash", client=client)
+            return JSONResponse({"detail": "this Gradio session belongs to another user"}, status_code=403)
+        named = [path[len(prefix):] for prefix in FILE_ROUTES if path.startswith(prefix)][:1]
+        if not named and "/gradio_api/" in path:
+            named = _file_paths(await _json_body(request), [])
+        if any(uploads.foreign(name, user.id) for name in named):
+            runs.audit(user.username, "denied", "gradio_upload", "another user's uploaded file", client=client)
+            return JSONResponse({"detail": "this file was uploaded by another user"}, status_code=403)
+        request.state.user = user
+        return None
+
+    return guard
+
+
+def _replaying(body: bytes, receive):  # noqa: ANN001, ANN202 (ASGI receive)
+    """``receive`` for the app behind a guard that has read the body: the body once, then the rest."""
+    given = False
+
+    async def replay():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _recording_uploads(send, uploads: UploadOwners, user_id: int):  # noqa: ANN001, ANN202 (ASGI send)
+    """``send`` for Gradio's upload route: the answer (a JSON list of the saved paths) is held to
+    its end, and its paths are recorded as this user's before it goes out."""
+    start: dict | None = None
+    parts: list[bytes] = []
+
+    async def record(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        parts.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(parts)
+        if start["status"] == 200:
+            try:
+                saved = json.loads(body)
+            except ValueError:
+                saved = []
+            uploads.record([p for p in saved if isinstance(p, str)] if isinstance(saved, list) else [], user_id)
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return record
+
+
 def _session_user(runs: RunService, session: dict, idle_s: int, max_s: int) -> User | None:
     uid = session.get("uid")
     if uid is None:
@@ -353,47 +455,8 @@ def install_oidc(app: FastAPI, runs: RunService, settings: Settings, limits: Rat
             return RedirectResponse(f"{end}?{query}", status_code=303)
         return _page("Signed out", f"<p><a href='{root}/login'>Sign in again</a></p>")
 
-    @app.middleware("http")
-    async def require_session(request: Request, call_next):
-        path = route_path(request)
-        if path in PUBLIC_PATHS or getattr(request.state, "token_auth", False):  # a token stands for a session
-            return await call_next(request)
-        session = request.session
-        now = int(time.time())
-        user = _session_user(runs, session, idle_s, max_s)
-        if user is None:
-            session.clear()
-            wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
-            if wants_page:
-                target = path + (f"?{request.url.query}" if request.url.query else "")
-                return RedirectResponse(f"{root}/login?" + urlencode({"next": target}), status_code=303)
-            return JSONResponse({"detail": "sign in first: no valid session"}, status_code=401)
-        if now - int(session.get("seen_at", 0)) > 60:
-            session["seen_at"] = now  # idle clock; written at most once a minute
-        hash_value = await _session_hash_of(request)
-        if hash_value is not None and not session_hashes.claim(hash_value, user.id):
-            runs.audit(user.username, "denied", "gradio_session", "another user's Gradio session_hash",
-                       client=request.client.host if request.client else None)
-            return JSONResponse({"detail": "this Gradio session belongs to another user"}, status_code=403)
-        named = [path[len(prefix):] for prefix in FILE_ROUTES if path.startswith(prefix)][:1]
-        if not named and "/gradio_api/" in path:
-            named = _file_paths(await _json_body(request), [])
-        if any(uploads.foreign(name, user.id) for name in named):
-            runs.audit(user.username, "denied", "gradio_upload", "another user's uploaded file",
-                       client=request.client.host if request.client else None)
-            return JSONResponse({"detail": "this file was uploaded by another user"}, status_code=403)
-        request.state.user = user
-        response = await call_next(request)
-        if path == UPLOAD_ROUTE and request.method == "POST" and response.status_code == 200:
-            body = b"".join([chunk async for chunk in response.body_iterator])  # a JSON list of paths
-            try:
-                saved = json.loads(body)
-            except ValueError:
-                saved = []
-            uploads.record([p for p in saved if isinstance(p, str)] if isinstance(saved, list) else [], user.id)
-            response = Response(body, status_code=response.status_code, headers=dict(response.headers))
-        return response
-
+    app.add_middleware(require_session, runs=runs, idle_s=idle_s, max_s=max_s, root=root,
+                       session_hashes=session_hashes, uploads=uploads)
     app.add_middleware(_guard_websockets, runs=runs, idle_s=idle_s, max_s=max_s)
     # added last = outermost: the session is decoded before the guards run
     app.add_middleware(SessionMiddleware, secret_key=settings.session_key(), session_cookie=SESSION_COOKIE,
