@@ -147,6 +147,11 @@ def _answers(endpoint: Endpoint) -> bool:
     return True
 
 
+def _answered_lately(server: _Server) -> bool:
+    """Answering now, or answered in the last TRUSTED_SECONDS: used without asking it first."""
+    return bool(server.busy) or time.monotonic() - server.answered_at < TRUSTED_SECONDS
+
+
 def _reap(state: dict[str, Any], within: float = 5.0) -> None:
     """Wait for a dead server's leader if it is this process's child (a zombie keeps its process
     group alive); other processes are reaped by their own parent."""
@@ -269,8 +274,7 @@ class LocalChatServers:
         with run_lock:  # one start per server; others start in parallel
             server = self._servers.get(key)
             if server is not None:
-                trusted = time.monotonic() - server.answered_at < TRUSTED_SECONDS
-                if self.launcher.is_alive(server.state) and (server.busy or trusted or _answers(server.endpoint)):
+                if self.launcher.is_alive(server.state) and (_answered_lately(server) or _answers(server.endpoint)):
                     server.last_used = time.time()
                     return key, server.endpoint
                 log.warning("chat server %s (pid %s) died; starting a new one", key, server.state.get("pid"))
@@ -343,7 +347,7 @@ class LocalChatServers:
         key = run_key(run.id)
         with self._lock:
             server = None if self._closed.is_set() or key in self._starting else self._servers.get(key)
-        if server is None or not (server.busy or time.monotonic() - server.answered_at < TRUSTED_SECONDS):
+        if server is None or not _answered_lately(server):
             return None
         if not self.launcher.is_alive(server.state):
             return None

@@ -231,10 +231,14 @@ def test_chat_reads_a_run_once_per_interval_and_checks_its_adapter_every_message
 
 def test_without_login_the_local_user_is_read_once_per_interval(chat_portal, monkeypatch):
     """auth_mode none: the one local user is not read from the database for every request
-    (decision 0024); the login case reads per request (tests/test_auth.py)."""
-    import httpx
+    (decision 0024); the login case reads per request (tests/test_auth.py). A fresh app: its
+    kept row starts empty, so exactly one read is expected."""
+    from starlette.testclient import TestClient
 
-    runs = chat_portal["services"].runs
+    from portal.web import create_app
+
+    services = chat_portal["services"]
+    runs = services.runs
     reads: list[str] = []
     real_user = runs.user
 
@@ -243,10 +247,10 @@ def test_without_login_the_local_user_is_read_once_per_interval(chat_portal, mon
         return real_user(name)
 
     monkeypatch.setattr(runs, "user", counted)
-    with httpx.Client(base_url=chat_portal["url"], timeout=30) as client:
-        for _ in range(4):
-            assert client.get("/api/runs").status_code == 200
-    assert len(reads) <= 1, reads  # at most the one read when the kept row had expired
+    client = TestClient(create_app(services, supervise=False), base_url="http://127.0.0.1")
+    for _ in range(4):
+        assert client.get("/api/runs").status_code == 200
+    assert reads == [services.settings.local_username]
 
 
 def test_a_chat_in_progress_goes_on_without_a_worker_thread(chat_portal, monkeypatch):
